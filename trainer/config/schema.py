@@ -1,0 +1,379 @@
+"""The one config tree. Every field has a docstring-style comment; `validate()` names the bad field and why.
+
+Presets live in `presets/*.toml`; a file or preset is loaded first, then `--set a.b=c` overrides (see loader.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the dotted field and the reason."""
+
+
+def check(condition: bool, name: str, why: str) -> None:
+    if not condition:
+        raise ConfigError(f"{name}: {why}")
+
+
+@dataclass
+class SynthConfig:
+    """`lemur data synth`: the generated dataset's shape. Defaults are the `tiny` preset's."""
+
+    num_users: int = 300
+    """Distinct users."""
+    num_items: int = 800
+    """Distinct items (documents) in the catalog."""
+    num_samples: int = 12_000
+    """Impressions in total (train + eval)."""
+    num_topics: int = 8
+    """Latent topics; they show in items' text, images and categorical ids, and in users' interests."""
+    num_categories: int = 16
+    """Category ids; each topic owns a few, so category is a coarse, noisy view of the topic."""
+    num_authors: int = 60
+    """Author ids; each author writes mostly on one topic."""
+    eval_share: float = 0.2
+    """Share of the timeline (the last part) that becomes the eval split."""
+    cold_item_share: float = 0.1
+    """Share of items that never appear in training (targets or histories); only content can score them."""
+    samples_per_shard: int = 2_000
+    """Impressions per tar shard; shards of one split hold equal counts but for the last."""
+    images_per_item: int = 1
+    """JPEG images per item (0: text only, as in the LEMUR paper)."""
+    image_size: int = 64
+    """Side of the rendered square JPEGs, in pixels."""
+    short_history: int = 20
+    """Length of the short user-history sequence (most recent clicks)."""
+    long_history: int = 100
+    """Maximum length of the long user-history sequence (the papers go to 1,000)."""
+    search: bool = True
+    """Generate the search scenario: raw queries, query ids and sessions."""
+    impressions_per_request: int = 6
+    """Items shown per request (one query, one session); SQDC and QAUC need several."""
+    days: int = 30
+    """Span of the log in days; timestamps are seconds."""
+    workers: int = 0
+    """Processes used to write shards (0: all cores)."""
+    seed: int = 0
+    """Everything generated is a function of this seed."""
+
+    def validate(self, p: str) -> None:
+        for name in ("num_users", "num_items", "num_samples", "num_topics", "samples_per_shard", "days"):
+            check(getattr(self, name) > 0, f"{p}.{name}", "must be > 0")
+        check(self.num_categories >= self.num_topics, f"{p}.num_categories", "must be >= num_topics")
+        check(self.num_authors >= self.num_topics, f"{p}.num_authors", "must be >= num_topics")
+        check(0.0 < self.eval_share < 1.0, f"{p}.eval_share", "must be in (0, 1)")
+        check(0.0 <= self.cold_item_share < 0.9, f"{p}.cold_item_share", "must be in [0, 0.9)")
+        check(0 <= self.images_per_item <= 8, f"{p}.images_per_item", "must be in [0, 8]")
+        check(16 <= self.image_size <= 1024, f"{p}.image_size", "must be in [16, 1024]")
+        check(
+            1 <= self.short_history <= self.long_history, f"{p}.short_history", "must be in [1, long_history]"
+        )
+        check(self.long_history <= 10_000, f"{p}.long_history", "must be <= 10000")
+        check(self.impressions_per_request >= 1, f"{p}.impressions_per_request", "must be >= 1")
+        check(self.workers >= 0, f"{p}.workers", "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how the reader turns them into batches."""
+
+    path: str = "outputs/data"
+    """Dataset directory (train-*.tar, eval-*.tar, items.parquet, dataset.json)."""
+    train_shards: str = ""
+    """Shard list for training: paths, a brace pattern or `pipe:` URL; empty = DIR/train-*.tar."""
+    eval_shards: str = ""
+    """Shard list for evaluation; empty = DIR/eval-*.tar."""
+    batch_size: int = 64
+    """Samples per batch on each rank."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0: read in the training process)."""
+    shuffle_buffer: int = 1_000
+    """Samples held in the shuffle buffer of each reader (0: no sample shuffling)."""
+    image_size: int = 64
+    """Images are decoded and resized to this square side."""
+    images_per_sample: int = 1
+    """Images per sample in the batch (missing ones are zero and masked)."""
+    tokenizer: str = ""
+    """A local Hugging Face fast-tokenizer directory; empty = DIR/tokenizer, trained from the dataset if absent."""
+    vocab_size: int = 8_000
+    """Vocabulary size when the tokenizer is trained from the dataset's text."""
+    bad_input: str = "error"
+    """What a bad sample does: `error` stops naming shard, key and field; `skip` drops and counts it."""
+    max_text_chars: int = 4_000
+    """A text field longer than this is bad input (tokens are truncated per field; this guards memory)."""
+    seed: int = 0
+    """Seeds shard order and the shuffle buffer (with the epoch, rank and worker)."""
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def validate(self, p: str) -> None:
+        check(self.batch_size > 0, f"{p}.batch_size", "must be > 0")
+        check(self.num_workers >= 0, f"{p}.num_workers", "must be >= 0")
+        check(self.shuffle_buffer >= 0, f"{p}.shuffle_buffer", "must be >= 0")
+        check(16 <= self.image_size <= 1024, f"{p}.image_size", "must be in [16, 1024]")
+        check(0 <= self.images_per_sample <= 8, f"{p}.images_per_sample", "must be in [0, 8]")
+        check(self.vocab_size >= 100, f"{p}.vocab_size", "must be >= 100")
+        check(self.bad_input in ("error", "skip"), f"{p}.bad_input", "must be 'error' or 'skip'")
+        check(self.max_text_chars > 0, f"{p}.max_text_chars", "must be > 0")
+        self.synth.validate(f"{p}.synth")
+
+
+@dataclass
+class TowerConfig:
+    """A transformers encoder built from a config (random init) or loaded from a local directory."""
+
+    pretrained: str = ""
+    """Local directory of saved weights; empty = build from the fields below (no download ever happens)."""
+    layers: int = 2
+    """Transformer layers."""
+    hidden: int = 64
+    """Hidden size."""
+    heads: int = 2
+    """Attention heads."""
+    trainable_top_layers: int = -1
+    """-1: train every layer; k >= 0: freeze all but the top k layers (EM3 freezes single-modal encoders)."""
+
+    def validate(self, p: str) -> None:
+        check(self.layers > 0, f"{p}.layers", "must be > 0")
+        check(self.hidden > 0 and self.heads > 0, f"{p}.hidden", "hidden and heads must be > 0")
+        check(self.hidden % self.heads == 0, f"{p}.hidden", f"must be divisible by heads ({self.heads})")
+        check(self.trainable_top_layers >= -1, f"{p}.trainable_top_layers", "must be >= -1")
+
+
+@dataclass
+class ModelConfig:
+    """Towers, fusion and ranker."""
+
+    text_fields: list[str] = field(default_factory=lambda: ["title", "description", "ocr"])
+    """Item text fields the document tower reads (concatenated with SEP and per-field type embeddings)."""
+    text_max_tokens: list[int] = field(default_factory=lambda: [16, 48, 16])
+    """Token budget per text field, in the order of text_fields (LEMUR: title 31, OCR 124, ASR 12, cover OCR 12)."""
+    query_max_tokens: int = 10
+    """Token budget of the raw query (LEMUR: max 10)."""
+    use_images: bool = True
+    """Feed item images to the vision tower (EM3); False = text only (LEMUR)."""
+    text_tower: TowerConfig = field(default_factory=TowerConfig)
+    query_tower: TowerConfig = field(default_factory=lambda: TowerConfig(layers=1))
+    vision_tower: TowerConfig = field(default_factory=TowerConfig)
+    patch_size: int = 16
+    """ViT patch size."""
+    fusion: str = "fqformer"
+    """How text and image tokens become one content vector: fqformer, masked_fqformer, 1flow, 2flow."""
+    fusion_queries: int = 4
+    """Fusion-Q-Former: learnable queries Q put in front of the single-modal tokens."""
+    fusion_layers: int = 1
+    """Fusion-Q-Former Transformer layers."""
+    content_dim: int = 32
+    """Size of the content (query and document) representation; LEMUR uses 128."""
+    ranker: str = "rankmixer"
+    """rankmixer or dlrm_mlp (the papers' baseline)."""
+    ranker_tokens: int = 8
+    """RankMixer: features are split into this many tokens."""
+    ranker_layers: int = 2
+    """RankMixer blocks (token mixing, then per-token FFN)."""
+    ranker_hidden: int = 64
+    """Per-token width in RankMixer / MLP width in DLRM-MLP."""
+
+    def validate(self, p: str) -> None:
+        check(len(self.text_fields) > 0, f"{p}.text_fields", "needs at least one field")
+        check(
+            len(self.text_max_tokens) == len(self.text_fields),
+            f"{p}.text_max_tokens",
+            f"needs one budget per text field ({len(self.text_fields)})",
+        )
+        check(all(t > 0 for t in self.text_max_tokens), f"{p}.text_max_tokens", "budgets must be > 0")
+        check(self.query_max_tokens > 0, f"{p}.query_max_tokens", "must be > 0")
+        for name in ("text_tower", "query_tower", "vision_tower"):
+            getattr(self, name).validate(f"{p}.{name}")
+        check(
+            self.fusion in ("fqformer", "masked_fqformer", "1flow", "2flow"),
+            f"{p}.fusion",
+            "must be one of fqformer, masked_fqformer, 1flow, 2flow",
+        )
+        check(self.fusion_queries > 0, f"{p}.fusion_queries", "must be > 0")
+        check(self.content_dim > 0, f"{p}.content_dim", "must be > 0")
+        check(self.ranker in ("rankmixer", "dlrm_mlp"), f"{p}.ranker", "must be rankmixer or dlrm_mlp")
+        check(
+            self.ranker_tokens > 0 and self.ranker_layers > 0, f"{p}.ranker_tokens", "tokens and layers > 0"
+        )
+
+
+@dataclass
+class EmbeddingsConfig:
+    """TorchRec ID tables."""
+
+    dim: int = 16
+    """Embedding dimension of every ID table."""
+    hash_size: int = 100_003
+    """Raw int64 ids are hashed into this many rows per table (per feature overrides: hash_sizes)."""
+    hash_sizes: dict[str, int] = field(default_factory=dict)
+    """Per-feature row counts, e.g. {item_id = 1000003}."""
+    sharding_types: list[str] = field(default_factory=lambda: ["table_wise", "row_wise", "column_wise"])
+    """Sharding types the planner may choose (data_parallel is refused: see the README)."""
+    compute_kernel: str = "fused"
+    """TorchRec compute kernel: fused (optimizer in backward) or dense."""
+    optimizer: str = "rowwise_adagrad"
+    """Fused sparse optimizer: rowwise_adagrad, adagrad, adam, sgd."""
+    lr: float = 0.05
+    """Sparse learning rate."""
+
+    def validate(self, p: str) -> None:
+        check(self.dim > 0, f"{p}.dim", "must be > 0")
+        check(self.hash_size > 0, f"{p}.hash_size", "must be > 0")
+        check(all(v > 0 for v in self.hash_sizes.values()), f"{p}.hash_sizes", "sizes must be > 0")
+        allowed = {"table_wise", "row_wise", "column_wise", "table_column_wise", "table_row_wise"}
+        bad = [t for t in self.sharding_types if t not in allowed]
+        check(not bad, f"{p}.sharding_types", f"unknown or refused {bad}; allowed: {sorted(allowed)}")
+        check(self.compute_kernel in ("fused", "dense"), f"{p}.compute_kernel", "must be fused or dense")
+        check(
+            self.optimizer in ("rowwise_adagrad", "adagrad", "adam", "sgd"),
+            f"{p}.optimizer",
+            "must be rowwise_adagrad, adagrad, adam or sgd",
+        )
+        check(self.lr > 0, f"{p}.lr", "must be > 0")
+
+
+@dataclass
+class MemoryBankConfig:
+    """LEMUR's bank of item content vectors, row-sharded across ranks."""
+
+    enabled: bool = False
+    """Read history content vectors from the bank (else histories carry ID embeddings only)."""
+    dtype: str = "bfloat16"
+    """Storage dtype of the bank: bfloat16 or float32."""
+    max_staleness: int = 1
+    """Reads in step t see every write of steps <= t - max_staleness."""
+    forward_share: float = 1.0
+    """Share p of samples whose target runs the encoder forward (the rest read the bank)."""
+    backward_share: float = 1.0
+    """Share q of samples whose encoder output receives gradient."""
+
+    def validate(self, p: str) -> None:
+        check(self.dtype in ("bfloat16", "float32"), f"{p}.dtype", "must be bfloat16 or float32")
+        check(self.max_staleness >= 1, f"{p}.max_staleness", "must be >= 1")
+        check(0.0 < self.forward_share <= 1.0, f"{p}.forward_share", "must be in (0, 1]")
+        check(
+            0.0 <= self.backward_share <= self.forward_share,
+            f"{p}.backward_share",
+            "must be in [0, forward_share]",
+        )
+
+
+@dataclass
+class OptimizerConfig:
+    """The dense optimizer (DeepSpeed) and its schedule."""
+
+    name: str = "adamw"
+    """adamw or sgd."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    schedule: str = "cosine"
+    """After warm-up: constant, linear or cosine decay to min_lr_ratio * lr."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a share of lr."""
+
+    def validate(self, p: str) -> None:
+        check(self.name in ("adamw", "sgd"), f"{p}.name", "must be adamw or sgd")
+        check(self.lr > 0, f"{p}.lr", "must be > 0")
+        check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
+        check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
+        check(
+            self.schedule in ("constant", "linear", "cosine"), f"{p}.schedule", "constant, linear or cosine"
+        )
+        check(0.0 <= self.min_lr_ratio <= 1.0, f"{p}.min_lr_ratio", "must be in [0, 1]")
+
+
+@dataclass
+class TrainingConfig:
+    """The loop."""
+
+    steps: int = 200
+    """Optimizer steps."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    eval_every: int = 100
+    """Evaluate every N steps (0: only at the end)."""
+    checkpoint_every: int = 100
+    """Checkpoint every N steps (0: only at the end)."""
+    dtype: str = "float32"
+    """Compute dtype of the dense part: float32 or bfloat16 (fp16 is refused: its loss scale leaks into fused sparse updates)."""
+    seed: int = 0
+    """Seeds model init and everything random in the loop."""
+    sqdc_weight: float = 0.0
+    """λ of the SQDC loss (0: off)."""
+    sqdc_temperature: float = 50.0
+    """T of SQDC (LEMUR: 50)."""
+
+    def validate(self, p: str) -> None:
+        check(self.steps > 0, f"{p}.steps", "must be > 0")
+        check(self.grad_accum >= 1, f"{p}.grad_accum", "must be >= 1")
+        check(self.eval_every >= 0 and self.checkpoint_every >= 0, f"{p}.eval_every", "must be >= 0")
+        check(self.dtype in ("float32", "bfloat16"), f"{p}.dtype", "must be float32 or bfloat16 (not fp16)")
+        check(self.sqdc_weight >= 0, f"{p}.sqdc_weight", "must be >= 0")
+        check(self.sqdc_temperature > 0, f"{p}.sqdc_temperature", "must be > 0")
+
+
+@dataclass
+class DistributedConfig:
+    """Process group and DeepSpeed."""
+
+    backend: str = "auto"
+    """auto (nccl with CUDA, else gloo), nccl or gloo."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 for the dense part."""
+
+    def validate(self, p: str) -> None:
+        check(self.backend in ("auto", "nccl", "gloo"), f"{p}.backend", "must be auto, nccl or gloo")
+        check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", "must be 0, 1, 2 or 3")
+
+
+@dataclass
+class LoggingConfig:
+    """Outputs."""
+
+    out_dir: str = "outputs/run"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
+    log_every: int = 10
+    """Log metrics every N steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    progress_bar: bool = True
+    """tqdm progress bar on rank 0."""
+
+    def validate(self, p: str) -> None:
+        check(self.log_every > 0, f"{p}.log_every", "must be > 0")
+
+
+@dataclass
+class Config:
+    """Root of the tree."""
+
+    name: str = "tiny"
+    """Preset name (informational)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    memory_bank: MemoryBankConfig = field(default_factory=MemoryBankConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> Config:
+        for name in (
+            "data",
+            "model",
+            "embeddings",
+            "memory_bank",
+            "optimizer",
+            "training",
+            "distributed",
+            "logging",
+        ):
+            getattr(self, name).validate(name)
+        return self
