@@ -1,0 +1,107 @@
+"""`lemur`: the command line. Sub-commands import their module lazily so `lemur --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trainer.config import ConfigError, config_to_toml, load_config, preset_names
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default: str = "tiny") -> None:
+    parser.add_argument("--config", default=default, help=f"preset ({', '.join(preset_names())}) or TOML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=C", help="override a config field (repeatable)")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from trainer.data.synth.generate import synthesize
+
+    overrides = list(args.overrides)
+    if args.samples is not None:
+        overrides.append(f"data.synth.num_samples={args.samples}")
+    if args.seed is not None:
+        overrides.append(f"data.synth.seed={args.seed}")
+    if args.workers is not None:
+        overrides.append(f"data.synth.workers={args.workers}")
+    cfg = load_config(args.preset, overrides)
+    synthesize(cfg.data.synth, args.out, vocab_size=cfg.data.vocab_size, force=args.force)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from trainer.data.importer import import_parquet
+
+    import_parquet(
+        interactions=args.interactions,
+        items=args.items,
+        out=args.out,
+        samples_per_shard=args.samples_per_shard,
+        eval_share=args.eval_share,
+        eval_from=args.eval_from,
+        vocab_size=args.vocab_size,
+        force=args.force,
+    )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from trainer.data.inspect import inspect_dataset
+
+    inspect_dataset(args.path, samples=args.samples, sheet=args.sheet)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    print(config_to_toml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lemur", description="End-to-end multimodal recommendation trainer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="print the resolved config as TOML")
+    _add_config_args(config)
+    config.set_defaults(func=_config)
+
+    data = sub.add_parser("data", help="generate, import and inspect datasets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="generate a synthetic multimodal dataset")
+    synth.add_argument("--preset", default="tiny", help=f"config preset or TOML whose data.synth is used ({', '.join(preset_names())})")
+    synth.add_argument("--out", required=True, help="dataset directory to write")
+    synth.add_argument("--samples", type=int, help="override data.synth.num_samples")
+    synth.add_argument("--seed", type=int, help="override data.synth.seed")
+    synth.add_argument("--workers", type=int, help="writer processes (default: all cores)")
+    synth.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=C")
+    synth.add_argument("--force", action="store_true", help="replace an existing dataset in --out")
+    synth.set_defaults(func=_synth)
+
+    imp = data.add_parser("import", help="convert parquet logs (interactions + items) into shards")
+    imp.add_argument("--interactions", required=True, help="interactions parquet file or directory")
+    imp.add_argument("--items", required=True, help="items parquet file or directory")
+    imp.add_argument("--out", required=True, help="dataset directory to write")
+    imp.add_argument("--samples-per-shard", type=int, default=10_000)
+    imp.add_argument("--eval-share", type=float, default=0.1, help="the last share of the timeline becomes eval")
+    imp.add_argument("--eval-from", type=int, help="eval = samples with timestamp >= this (overrides --eval-share)")
+    imp.add_argument("--vocab-size", type=int, default=8_000, help="tokenizer vocabulary trained from the items' text")
+    imp.add_argument("--force", action="store_true", help="replace an existing dataset in --out")
+    imp.set_defaults(func=_import)
+
+    ins = data.add_parser("inspect", help="summarise a dataset directory and draw a contact sheet of its images")
+    ins.add_argument("path", help="dataset directory")
+    ins.add_argument("--samples", type=int, default=3, help="decoded samples to print")
+    ins.add_argument("--sheet", help="contact-sheet PNG path (default DIR/contact_sheet.png)")
+    ins.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileExistsError, FileNotFoundError) as err:
+        print(f"lemur: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
