@@ -9,8 +9,17 @@ from trainer.config import ConfigError, config_to_toml, load_config, preset_name
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str = "tiny") -> None:
-    parser.add_argument("--config", default=default, help=f"preset ({', '.join(preset_names())}) or TOML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=C", help="override a config field (repeatable)")
+    parser.add_argument(
+        "--config", default=default, help=f"preset ({', '.join(preset_names())}) or TOML file"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="A.B=C",
+        help="override a config field (repeatable)",
+    )
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -57,16 +66,24 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lemur", description="End-to-end multimodal recommendation trainer.")
+    parser = argparse.ArgumentParser(
+        prog="lemur", description="End-to-end multimodal recommendation trainer."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     config = sub.add_parser("config", help="print the resolved config as TOML")
     _add_config_args(config)
     config.set_defaults(func=_config)
 
-    data = sub.add_parser("data", help="generate, import and inspect datasets").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="generate, import and inspect datasets").add_subparsers(
+        dest="data_command", required=True
+    )
     synth = data.add_parser("synth", help="generate a synthetic multimodal dataset")
-    synth.add_argument("--preset", default="tiny", help=f"config preset or TOML whose data.synth is used ({', '.join(preset_names())})")
+    synth.add_argument(
+        "--preset",
+        default="tiny",
+        help=f"config preset or TOML whose data.synth is used ({', '.join(preset_names())})",
+    )
     synth.add_argument("--out", required=True, help="dataset directory to write")
     synth.add_argument("--samples", type=int, help="override data.synth.num_samples")
     synth.add_argument("--seed", type=int, help="override data.synth.seed")
@@ -80,13 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--items", required=True, help="items parquet file or directory")
     imp.add_argument("--out", required=True, help="dataset directory to write")
     imp.add_argument("--samples-per-shard", type=int, default=10_000)
-    imp.add_argument("--eval-share", type=float, default=0.1, help="the last share of the timeline becomes eval")
-    imp.add_argument("--eval-from", type=int, help="eval = samples with timestamp >= this (overrides --eval-share)")
-    imp.add_argument("--vocab-size", type=int, default=8_000, help="tokenizer vocabulary trained from the items' text")
+    imp.add_argument(
+        "--eval-share", type=float, default=0.1, help="the last share of the timeline becomes eval"
+    )
+    imp.add_argument(
+        "--eval-from", type=int, help="eval = samples with timestamp >= this (overrides --eval-share)"
+    )
+    imp.add_argument(
+        "--vocab-size", type=int, default=8_000, help="tokenizer vocabulary trained from the items' text"
+    )
     imp.add_argument("--force", action="store_true", help="replace an existing dataset in --out")
     imp.set_defaults(func=_import)
 
-    ins = data.add_parser("inspect", help="summarise a dataset directory and draw a contact sheet of its images")
+    ins = data.add_parser(
+        "inspect", help="summarise a dataset directory and draw a contact sheet of its images"
+    )
     ins.add_argument("path", help="dataset directory")
     ins.add_argument("--samples", type=int, default=3, help="decoded samples to print")
     ins.add_argument("--sheet", help="contact-sheet PNG path (default DIR/contact_sheet.png)")

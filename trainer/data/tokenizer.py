@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -40,11 +40,14 @@ def train_tokenizer(
         mask_token="[MASK]",
     )
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")  # ranks may race: each writes its own
     shutil.rmtree(tmp, ignore_errors=True)
     fast.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    try:
+        tmp.replace(out)
+    except OSError:  # another rank put an identical one in place first
+        shutil.rmtree(tmp, ignore_errors=True)
     return fast
 
 
@@ -59,3 +62,26 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     if tok.pad_token_id is None:
         raise ValueError(f"{path}: the tokenizer has no pad token")
     return tok
+
+
+def dataset_texts(dataset_dir: str | os.PathLike, fields: list[str]) -> Iterator[str]:
+    """Every text field of items.parquet, then nothing else (queries come from the shards' items' vocabulary)."""
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(Path(dataset_dir) / "items.parquet")
+    columns = [f for f in fields if f in table.schema_arrow.names]
+    for batch in table.iter_batches(columns=columns, batch_size=10_000):
+        for column in batch.columns:
+            yield from (t for t in column.to_pylist() if t)
+
+
+def resolve_tokenizer(
+    configured: str, dataset_dir: str | os.PathLike, fields: list[str], vocab_size: int
+) -> PreTrainedTokenizerFast:
+    """data.tokenizer if set; else DIR/tokenizer; else trained from DIR/items.parquet and saved there."""
+    if configured:
+        return load_tokenizer(configured)
+    path = Path(dataset_dir) / "tokenizer"
+    if not (path / "tokenizer.json").is_file():
+        train_tokenizer(dataset_texts(dataset_dir, fields), vocab_size, path)
+    return load_tokenizer(path)

@@ -164,14 +164,23 @@ def _candidates(
     world: World, user: int, query_topic: int | None, n: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Search: mostly items on the query's topic; feed: mostly the user's topics; always some popular filler."""
-    source = rng.random(n)
-    user_topics = world.user_topics[user][rng.choice(3, size=n, p=world.user_topic_weights[user])]
-    random_topics = rng.choice(world.cfg.num_topics, size=n, p=world.topic_share)
+    draws = 4 * n  # a request shows distinct items: draw extra and keep the first n distinct
+    source = rng.random(draws)
+    user_topics = world.user_topics[user][rng.choice(3, size=draws, p=world.user_topic_weights[user])]
+    random_topics = rng.choice(world.cfg.num_topics, size=draws, p=world.topic_share)
     if query_topic is not None:
         topics = np.where(source < 0.6, query_topic, np.where(source < 0.8, user_topics, random_topics))
     else:
         topics = np.where(source < 0.7, user_topics, random_topics)
-    return sample_topic_items(world, topics, rng)
+    items = sample_topic_items(world, topics, rng)
+    _, first = np.unique(items, return_index=True)
+    distinct = items[np.sort(first)]
+    if len(distinct) < n:  # small catalogs: fill with other warm items
+        others = np.setdiff1d(np.flatnonzero(~world.item_cold), distinct)
+        distinct = np.concatenate(
+            [distinct, rng.choice(others, size=min(n - len(distinct), len(others)), replace=False)]
+        )
+    return distinct[:n]
 
 
 def _mix_in_cold(

@@ -1,0 +1,71 @@
+"""The batch: what one step consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+@dataclass
+class Tokens:
+    input_ids: torch.Tensor  # [B, L] int64
+    attention_mask: torch.Tensor  # [B, L] int64 (1 = token)
+
+
+@dataclass
+class Batch:
+    sparse: KeyedJaggedTensor
+    """Pooled id features (EmbeddingBagCollection): user_id, item_id, query_id, then the spec's sparse features."""
+    sequences: KeyedJaggedTensor
+    """User-history item-id sequences (EmbeddingCollection), most recent last."""
+    dense: torch.Tensor
+    """[B, num_dense] float32."""
+    text: dict[str, Tokens]
+    """Per item text field: token ids and mask."""
+    query: Tokens | None
+    """Raw query tokens (search scenario)."""
+    images: torch.Tensor
+    """[B, N, 3, H, W] uint8 (normalise on the device: 4x less to copy)."""
+    image_mask: torch.Tensor
+    """[B, N] bool: which images exist."""
+    labels: torch.Tensor
+    """[B, num_labels] float32."""
+    user_id: torch.Tensor
+    item_id: torch.Tensor
+    query_id: torch.Tensor
+    session_id: torch.Tensor
+    timestamp: torch.Tensor
+    cold: torch.Tensor
+    """[B] bool: the item never appears in train (eval shards)."""
+    valid: torch.Tensor
+    """[B] bool: False for padding rows (eval pads so every rank has full, equal batches)."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Bad samples dropped while this batch was built, by reason."""
+    reader: int = 0
+    """Logical reader (DataLoader worker) that built the batch."""
+    reader_position: int = 0
+    """Raw samples that reader had consumed when the batch was complete (for exact resume)."""
+
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> Batch:  # type: ignore[no-untyped-def]
+        def apply(value):  # type: ignore[no-untyped-def]
+            if isinstance(value, (torch.Tensor, KeyedJaggedTensor)):
+                return fn(value)
+            if isinstance(value, Tokens):
+                return Tokens(fn(value.input_ids), fn(value.attention_mask))
+            if isinstance(value, dict) and value and isinstance(next(iter(value.values())), Tokens):
+                return {k: apply(v) for k, v in value.items()}
+            return value
+
+        return Batch(**{f.name: apply(getattr(self, f.name)) for f in fields(self)})

@@ -1,0 +1,133 @@
+"""Samples -> Batch: KeyedJaggedTensors of ids, dense tensors, tokenised text fields, stacked images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from transformers import PreTrainedTokenizerFast
+
+from trainer.data.batch import Batch, Tokens
+from trainer.data.spec import DatasetSpec
+
+
+@dataclass
+class CollateSpec:
+    """What the batch holds, resolved from the dataset spec and the model config."""
+
+    id_features: list[str]
+    sparse_features: list[str]
+    sequences: list[str]
+    dense: list[str]
+    text_fields: dict[str, int]
+    """Field -> token budget."""
+    query_tokens: int
+    """0: no query in the batch."""
+    image_size: int
+    images_per_sample: int
+    num_labels: int
+
+    @property
+    def pooled_keys(self) -> list[str]:
+        return self.id_features + self.sparse_features
+
+
+def collate_spec(
+    spec: DatasetSpec, text_fields: dict[str, int], query_tokens: int, image_size: int, images_per_sample: int
+) -> CollateSpec:
+    missing = [f for f in text_fields if f not in spec.text]
+    if missing:
+        raise ValueError(f"model.text_fields: {missing} not in the dataset's text fields {spec.text}")
+    return CollateSpec(
+        id_features=spec.id_features,
+        sparse_features=list(spec.sparse),
+        sequences=list(spec.history),
+        dense=list(spec.dense),
+        text_fields=dict(text_fields),
+        query_tokens=query_tokens if spec.query_text else 0,
+        image_size=image_size,
+        images_per_sample=min(images_per_sample, spec.images),
+        num_labels=len(spec.labels),
+    )
+
+
+def empty_sample(spec: CollateSpec) -> dict[str, Any]:
+    """A zero sample, used to pad eval batches (marked invalid)."""
+    return {
+        "__key__": "<pad>",
+        "user_id": 0,
+        "item_id": 0,
+        "timestamp": 0,
+        "query_id": 0,
+        "session_id": 0,
+        "request_id": 0,
+        "cold": False,
+        "labels": [0.0] * spec.num_labels,
+        "sparse": {k: [] for k in spec.sparse_features},
+        "dense": [0.0] * len(spec.dense),
+        "history": {k: [] for k in spec.sequences},
+        "text": {k: "" for k in spec.text_fields},
+        "query": "",
+        "images": [],
+    }
+
+
+def jagged(keys: list[str], rows: list[dict[str, list[int]]]) -> KeyedJaggedTensor:
+    """KJT with key-major layout: all samples' values of keys[0], then keys[1], ..."""
+    lengths = np.array([[len(row[k]) for row in rows] for k in keys], dtype=np.int32).reshape(-1)
+    flat = [v for k in keys for row in rows for v in row[k]]
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.tensor(flat, dtype=torch.int64) if flat else torch.empty(0, dtype=torch.int64),
+        lengths=torch.from_numpy(lengths),
+    )
+
+
+class Collator:
+    def __init__(self, spec: CollateSpec, tokenizer: PreTrainedTokenizerFast) -> None:
+        self.spec = spec
+        self.tokenizer = tokenizer
+
+    def tokens(self, texts: list[str], budget: int) -> Tokens:
+        enc = self.tokenizer(
+            texts, max_length=budget, truncation=True, padding="max_length", return_tensors="pt"
+        )
+        return Tokens(enc["input_ids"], enc["attention_mask"])
+
+    def __call__(self, samples: list[dict[str, Any]], valid: list[bool] | None = None) -> Batch:
+        s = self.spec
+        pooled_rows = [{**{k: [x[k]] for k in s.id_features}, **x["sparse"]} for x in samples]
+        n_img, size = s.images_per_sample, s.image_size
+        images = np.zeros((len(samples), n_img, size, size, 3), dtype=np.uint8)
+        image_mask = np.zeros((len(samples), n_img), dtype=bool)
+        for i, x in enumerate(samples):
+            for j, pixels in enumerate(x["images"][:n_img]):
+                images[i, j], image_mask[i, j] = pixels, True
+
+        def column(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([x[name] for x in samples], dtype=dtype)
+
+        return Batch(
+            sparse=jagged(s.pooled_keys, pooled_rows),
+            sequences=jagged(s.sequences, [x["history"] for x in samples]),
+            dense=torch.tensor([x["dense"] for x in samples], dtype=torch.float32).reshape(
+                len(samples), len(s.dense)
+            ),
+            text={
+                f: self.tokens([x["text"][f] for x in samples], budget) for f, budget in s.text_fields.items()
+            },
+            query=self.tokens([x["query"] for x in samples], s.query_tokens) if s.query_tokens else None,
+            images=torch.from_numpy(images).permute(0, 1, 4, 2, 3).contiguous(),
+            image_mask=torch.from_numpy(image_mask),
+            labels=torch.tensor([x["labels"] for x in samples], dtype=torch.float32),
+            user_id=column("user_id", torch.int64),
+            item_id=column("item_id", torch.int64),
+            query_id=column("query_id", torch.int64),
+            session_id=column("session_id", torch.int64),
+            timestamp=column("timestamp", torch.int64),
+            cold=column("cold", torch.bool),
+            valid=torch.tensor(valid if valid is not None else [True] * len(samples), dtype=torch.bool),
+        )

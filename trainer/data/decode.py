@@ -1,0 +1,218 @@
+"""Reading and checking samples. Only `.json` and image members are ever decoded (nothing is unpickled); every
+problem is a BadSample naming the shard, the key and the field, which the policy turns into an error or a skip."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from webdataset.gopen import gopen
+
+from trainer.data.spec import IMAGE_EXTS, INT64_MAX, INT64_MIN, DatasetSpec
+
+log = logging.getLogger(__name__)
+
+
+class BadSample(ValueError):
+    """A sample that breaks the format. `reason` is a short tag used to count skips."""
+
+    def __init__(self, shard: str, key: str, field: str, reason: str, detail: str = "") -> None:
+        self.shard, self.key, self.field, self.reason, self.detail = shard, key, field, reason, detail
+        super().__init__(
+            f"{shard}: sample {key!r}: field {field!r}: {reason}" + (f" ({detail})" if detail else "")
+        )
+
+
+@dataclass
+class SkipCounter:
+    """Counts skipped samples by reason and logs the first few."""
+
+    policy: str = "error"
+    log_first: int = 5
+    counts: Counter = field(default_factory=Counter)
+
+    def handle(self, err: BadSample) -> None:
+        if self.policy == "error":
+            raise err
+        self.counts[err.reason] += 1
+        if sum(self.counts.values()) <= self.log_first:
+            log.warning("skipping bad sample: %s", err)
+
+    def take(self) -> dict[str, int]:
+        """The counts since the last take (they ride along with each batch to the training process)."""
+        out, self.counts = dict(self.counts), Counter()
+        return out
+
+
+@dataclass
+class RawSample:
+    shard: str
+    key: str
+    members: dict[str, bytes]
+
+
+def tar_samples(url: str, skips: SkipCounter) -> Iterator[RawSample]:
+    """Group a tar's members by key (the name up to the first dot). A corrupt or truncated tar is one BadSample
+    naming the last key read; under `skip` the rest of that shard is dropped."""
+    key, members = "", {}
+    try:
+        with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                name = info.name.rsplit("/", 1)[-1]
+                if "." not in name:
+                    continue
+                this_key, ext = name.split(".", 1)
+                if this_key != key and members:
+                    yield RawSample(url, key, members)
+                    members = {}
+                key = this_key
+                data = tar.extractfile(info)
+                members[ext.lower()] = data.read() if data else b""
+                tar.members = []  # streaming: do not keep every TarInfo
+    except (tarfile.TarError, OSError, EOFError) as err:
+        skips.handle(BadSample(url, key or "<start>", "<tar>", "corrupt_tar", str(err)))
+        return
+    if members:
+        yield RawSample(url, key, members)
+
+
+@dataclass
+class Limits:
+    max_text_chars: int
+    image_size: int
+    images_per_sample: int
+
+
+def parse_sample(raw: RawSample, spec: DatasetSpec, limits: Limits) -> dict[str, Any]:
+    """Decode and check one sample; raises BadSample. Missing optional features become empty/zero."""
+
+    def bad(field_name: str, reason: str, detail: str = "") -> BadSample:
+        return BadSample(raw.shard, raw.key, field_name, reason, detail)
+
+    if "json" not in raw.members:
+        raise bad("json", "missing_field", f"members: {sorted(raw.members)}")
+    try:
+        record = json.loads(raw.members["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad("json", "malformed_json", str(err)) from err
+    if not isinstance(record, dict):
+        raise bad("json", "malformed_json", "not an object")
+
+    out: dict[str, Any] = {"__key__": raw.key}
+    for name in ("user_id", "item_id", "timestamp"):
+        if name not in record:
+            raise bad(name, "missing_field")
+        out[name] = _int(record[name], name, bad)
+    for name in ("query_id", "session_id", "request_id"):
+        out[name] = _int(record[name], name, bad) if record.get(name) is not None else 0
+    out["cold"] = bool(record.get("cold", 0))
+
+    labels = record.get("labels")
+    if not isinstance(labels, dict):
+        raise bad("labels", "missing_field")
+    out["labels"] = []
+    for name in spec.labels:
+        value = labels.get(name)
+        if value not in (0, 1) or isinstance(value, float) and not value.is_integer():
+            raise bad(f"labels.{name}", "missing_field" if value is None else "bad_label", repr(value))
+        out["labels"].append(float(value))
+
+    sparse = _section(record, "sparse", bad)
+    out["sparse"] = {}
+    for name in spec.sparse:
+        values = sparse.get(name, [])
+        values = values if isinstance(values, list) else [values]
+        out["sparse"][name] = [_int(v, f"sparse.{name}", bad) for v in values]
+
+    dense = _section(record, "dense", bad)
+    out["dense"] = [_float(dense.get(name, 0.0), f"dense.{name}", bad) for name in spec.dense]
+
+    history = _section(record, "history", bad)
+    out["history"] = {}
+    for name, max_len in spec.history.items():
+        ids = history.get(name, [])
+        if not isinstance(ids, list):
+            raise bad(f"history.{name}", "bad_type", "expected a list of ids")
+        if len(ids) > max_len:
+            raise bad(f"history.{name}", "history_too_long", f"{len(ids)} > {max_len}")
+        out["history"][name] = [_int(v, f"history.{name}", bad) for v in ids]
+
+    text = _section(record, "text", bad)
+    out["text"] = {name: _text(text.get(name, ""), f"text.{name}", limits, bad) for name in spec.text}
+    out["query"] = _text(record.get("query") or "", "query", limits, bad)
+    out["images"] = _images(raw, limits, bad)
+    return out
+
+
+def _section(record: dict[str, Any], name: str, bad: Any) -> dict[str, Any]:
+    section = record.get(name, {})
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise bad(name, "bad_type", "expected an object")
+    return section
+
+
+def _int(value: Any, name: str, bad: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad(name, "bad_id", f"expected an integer, got {value!r}"[:120])
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise bad(name, "bad_id", f"{value} is outside int64")
+    return value
+
+
+def _float(value: Any, name: str, bad: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad(name, "bad_type", f"expected a number, got {value!r}"[:120])
+    if not math.isfinite(value):
+        raise bad(name, "nan_dense", repr(value))
+    return float(value)
+
+
+def _text(value: Any, name: str, limits: Limits, bad: Any) -> str:
+    if not isinstance(value, str):
+        raise bad(name, "bad_type", "expected a string")
+    if len(value) > limits.max_text_chars:
+        raise bad(name, "text_too_long", f"{len(value)} > {limits.max_text_chars} chars")
+    return value
+
+
+def image_members(members: dict[str, bytes]) -> list[str]:
+    """`jpg`, then `1.jpg`, `2.jpg`, ... (any of the image extensions), in index order."""
+    found = []
+    for ext in members:
+        parts = ext.split(".")
+        if parts[-1] in IMAGE_EXTS and (len(parts) == 1 or (len(parts) == 2 and parts[0].isdigit())):
+            found.append((int(parts[0]) if len(parts) == 2 else 0, ext))
+    return [ext for _, ext in sorted(found)]
+
+
+def _images(raw: RawSample, limits: Limits, bad: Any) -> list[np.ndarray]:
+    out = []
+    for ext in image_members(raw.members)[: limits.images_per_sample]:
+        try:
+            out.append(decode_image(raw.members[ext], limits.image_size))
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise bad(ext, "bad_image", str(err)) from err
+    return out
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """JPEG/PNG bytes -> uint8 [size, size, 3]. `draft` lets libjpeg decode at a reduced scale when it can."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (size, size))
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)

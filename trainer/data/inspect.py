@@ -1,0 +1,750 @@
+"""`lemur data inspect DIR`: print a dataset's spec and what its shards really hold, and draw a contact sheet.
+
+The shards are streamed once (one sample in memory at a time; only distinct-id sets grow). Only `.json`
+members (json.loads) and jpg/jpeg/png members (PIL) are decoded; nothing is ever unpickled, and any other
+member is only counted. A corrupt member or shard is reported and skipped: this is a diagnostic tool.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from trainer.data.spec import ID_FIELDS, IMAGE_EXTS, DatasetSpec, read_spec
+
+HISTORY_BUCKETS: tuple[tuple[str, int, int], ...] = (
+    ("0", 0, 0),
+    ("1-10", 1, 10),
+    ("11-50", 11, 50),
+    ("51-100", 51, 100),
+    ("101-500", 101, 500),
+    ("501-1000", 501, 1000),
+    (">1000", 1001, sys.maxsize),
+)
+REQUIRED_INTS = ("user_id", "item_id", "timestamp")
+SHEET_ITEMS = 64
+SHEET_COLUMNS = 8
+THUMB = 96
+PAD = 6
+LABEL_HEIGHT = 14
+TITLE_HEIGHT = 20
+BAR_WIDTH = 40
+ABBREVIATE_LIST = 8
+ABBREVIATE_KEEP = 5
+ABBREVIATE_CHARS = 100
+PROBLEMS_SHOWN = 20
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class RawSample:
+    """The members of one key of a shard, undecoded: {ext: bytes}, e.g. {"json": ..., "jpg": ..., "1.jpg": ...}."""
+
+    key: str
+    members: dict[str, bytes]
+
+
+def iter_shard_samples(path: Path) -> Iterator[RawSample]:
+    """Stream a tar, grouping consecutive members by key (the member name up to its first '.')."""
+    current: RawSample | None = None
+    with tarfile.open(path, mode="r|*") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, ext = split_member_name(info.name)
+            if current is not None and key != current.key:
+                yield current
+                current = None
+            if current is None:
+                current = RawSample(key, {})
+            payload = tar.extractfile(info)
+            current.members[ext] = payload.read() if payload is not None else b""
+        if current is not None:
+            yield current
+        check_end_of_archive(tar, path)
+
+
+def check_end_of_archive(tar: tarfile.TarFile, path: Path) -> None:
+    """tarfile stops quietly at a header cut short; a plain tar must end with two zero blocks after it."""
+    if getattr(tar.fileobj, "comptype", None) != "tar":
+        return  # compressed: sizes are not comparable, and the decompressor reports truncation itself
+    if path.stat().st_size - tar.offset < 2 * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"archive cut short at byte {path.stat().st_size} (no end-of-archive blocks)")
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def member_kind(ext: str) -> str:
+    """json, image or other: only the first two are ever decoded."""
+    if ext == "json":
+        return "json"
+    if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
+        return "image"
+    return "other"
+
+
+def decode_image(payload: bytes) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(payload))
+    except UnidentifiedImageError:
+        raise ValueError("not a recognised image format") from None
+    image.load()
+    return image
+
+
+def record_errors(record: Any, spec: DatasetSpec) -> list[str]:
+    """What makes a decoded .json not a valid sample record (spec.py); empty when it is one."""
+    if not isinstance(record, dict):
+        return [f"record is a {type(record).__name__}, not an object"]
+    errors = [f"{name} missing or not an int" for name in REQUIRED_INTS if not is_int(record.get(name))]
+    labels = record.get("labels")
+    if not isinstance(labels, dict):
+        return [*errors, "labels missing"]
+    errors += [f"label {name} missing or not 0/1" for name in spec.labels if labels.get(name) not in (0, 1)]
+    return errors
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Problem:
+    shard: str
+    key: str
+    member: str
+    error: str
+
+    def __str__(self) -> str:
+        where = " ".join(part for part in (self.shard, self.member or self.key) if part)
+        return f"{where}: {self.error}"
+
+
+@dataclass
+class SplitStats:
+    shards: int = 0
+    samples: int = 0
+    label_sums: Counter[str] = field(default_factory=Counter)
+    label_counts: Counter[str] = field(default_factory=Counter)
+    members: Counter[str] = field(default_factory=Counter)
+    cold: int = 0
+    ids: dict[str, set[int]] = field(default_factory=dict)
+
+    def label_rate(self, label: str) -> float | None:
+        count = self.label_counts[label]
+        return self.label_sums[label] / count if count else None
+
+
+@dataclass
+class LengthStats:
+    count: int = 0
+    total: int = 0
+    longest: int = 0
+    empty: int = 0
+
+    def add(self, length: int) -> None:
+        self.count += 1
+        self.total += length
+        self.longest = max(self.longest, length)
+        self.empty += length == 0
+
+    def as_dict(self) -> dict[str, float]:
+        mean = self.total / self.count if self.count else 0.0
+        return {"count": self.count, "mean": round(mean, 2), "max": self.longest, "empty": self.empty}
+
+
+@dataclass
+class DenseStats:
+    count: int = 0
+    missing: int = 0
+    total: float = 0.0
+    low: float = math.inf
+    high: float = -math.inf
+    not_finite: int = 0
+
+    def add(self, value: Any) -> None:
+        if value is None:
+            self.missing += 1
+            return
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.not_finite += 1
+            return
+        self.count += 1
+        self.total += value
+        self.low, self.high = min(self.low, value), max(self.high, value)
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        seen = self.count > 0
+        return {
+            "count": self.count,
+            "missing": self.missing,
+            "not_finite": self.not_finite,
+            "mean": round(self.total / self.count, 5) if seen else None,
+            "min": self.low if seen else None,
+            "max": self.high if seen else None,
+        }
+
+
+@dataclass
+class ShownSample:
+    """A sample kept for printing: its record and what its other members were."""
+
+    shard: str
+    key: str
+    record: dict[str, Any]
+    images: list[str]
+    other: list[str]
+
+
+@dataclass
+class SheetTile:
+    item_id: int | None
+    category: int | None
+    image: bytes
+
+
+class DatasetScan:
+    """Accumulates everything measured over the streamed samples of all shards."""
+
+    def __init__(self, spec: DatasetSpec, samples_to_show: int) -> None:
+        self.spec = spec
+        self.samples_to_show = samples_to_show
+        self.splits: dict[str, SplitStats] = {}
+        self.sparse_values: dict[str, set[int]] = {name: set() for name in spec.sparse}
+        self.sparse_empty: Counter[str] = Counter()
+        self.history = {
+            name: Counter({bucket: 0 for bucket, _, _ in HISTORY_BUCKETS}) for name in spec.history
+        }
+        self.history_lengths = {name: LengthStats() for name in spec.history}
+        self.history_too_long: Counter[str] = Counter()
+        self.text = {name: LengthStats() for name in self.text_fields}
+        self.dense = {name: DenseStats() for name in spec.dense}
+        self.image_sizes: Counter[str] = Counter()
+        self.images_per_sample: Counter[int] = Counter()
+        self.other_exts: Counter[str] = Counter()
+        self.shown: list[ShownSample] = []
+        self.tiles: dict[int | None, SheetTile] = {}
+        self.problems: list[Problem] = []
+
+    @property
+    def text_fields(self) -> list[str]:
+        return list(self.spec.text) + (["query"] if self.spec.query_text else [])
+
+    def scan_shard(self, split: str, path: Path) -> int:
+        """Add a shard's samples to its split; returns how many samples it held."""
+        stats = self.splits.setdefault(split, SplitStats())
+        stats.shards += 1
+        before = stats.samples
+        try:
+            for raw in iter_shard_samples(path):
+                self.add_sample(stats, path.name, raw)
+        except (tarfile.TarError, OSError, EOFError) as err:
+            self.problems.append(Problem(path.name, "", "", f"unreadable tar ({err}); rest of shard skipped"))
+        return stats.samples - before
+
+    def add_sample(self, stats: SplitStats, shard: str, raw: RawSample) -> None:
+        record = None
+        images: list[str] = []
+        other: list[str] = []
+        for ext, payload in sorted(raw.members.items()):
+            kind = member_kind(ext)
+            stats.members[kind] += 1
+            if kind == "json":
+                record = self.decode_record(shard, raw.key, payload)
+            elif kind == "image":
+                size = self.decode_image_member(shard, raw.key, ext, payload)
+                images.append(f"{ext} {size}" if size else f"{ext} (corrupt)")
+            else:
+                other.append(ext)
+                self.other_exts[ext] += 1
+        if "json" not in raw.members:
+            self.problems.append(Problem(shard, raw.key, "", "no .json member"))
+        if record is None:
+            return
+        self.add_record(stats, record)
+        self.images_per_sample[len(images)] += 1
+        self.collect_tile(record, raw)
+        if len(self.shown) < self.samples_to_show:
+            self.shown.append(ShownSample(shard, raw.key, record, images, other))
+
+    def decode_record(self, shard: str, key: str, payload: bytes) -> dict[str, Any] | None:
+        try:
+            record = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            self.problems.append(Problem(shard, key, f"{key}.json", f"bad JSON ({err})"))
+            return None
+        errors = record_errors(record, self.spec)
+        if errors:
+            self.problems.append(Problem(shard, key, f"{key}.json", "invalid record: " + "; ".join(errors)))
+        return record if isinstance(record, dict) else None
+
+    def decode_image_member(self, shard: str, key: str, ext: str, payload: bytes) -> str | None:
+        try:
+            image = decode_image(payload)
+        except Exception as err:  # noqa: BLE001 (PIL raises many kinds on bad bytes)
+            self.problems.append(Problem(shard, key, f"{key}.{ext}", f"bad image ({err})"))
+            return None
+        size = f"{image.width}x{image.height}"
+        self.image_sizes[size] += 1
+        return size
+
+    def add_record(self, stats: SplitStats, record: dict[str, Any]) -> None:
+        stats.samples += 1
+        stats.cold += record.get("cold") == 1
+        for name in ID_FIELDS:
+            if is_int(record.get(name)):
+                stats.ids.setdefault(name, set()).add(record[name])
+        labels = record.get("labels") if isinstance(record.get("labels"), dict) else {}
+        for name in self.spec.labels:
+            if labels.get(name) in (0, 1):
+                stats.label_counts[name] += 1
+                stats.label_sums[name] += labels[name]
+        self.add_sparse(as_dict(record.get("sparse")))
+        self.add_history(as_dict(record.get("history")))
+        self.add_text(record)
+        dense = as_dict(record.get("dense"))
+        for name, dense_stats in self.dense.items():
+            dense_stats.add(dense.get(name))
+
+    def add_sparse(self, sparse: dict[str, Any]) -> None:
+        for name, values in self.sparse_values.items():
+            ids = [v for v in as_list(sparse.get(name)) if is_int(v)]
+            if not ids:
+                self.sparse_empty[name] += 1
+            values.update(ids)
+
+    def add_history(self, history: dict[str, Any]) -> None:
+        for name, max_len in self.spec.history.items():
+            length = len(as_list(history.get(name)))
+            self.history[name][history_bucket(length)] += 1
+            self.history_lengths[name].add(length)
+            self.history_too_long[name] += length > max_len
+
+    def add_text(self, record: dict[str, Any]) -> None:
+        text = as_dict(record.get("text"))
+        for name, lengths in self.text.items():
+            value = record.get("query") if name == "query" else text.get(name)
+            lengths.add(len(value) if isinstance(value, str) else 0)
+
+    def collect_tile(self, record: dict[str, Any], raw: RawSample) -> None:
+        """The first image of up to SHEET_ITEMS distinct items, as a fallback when items.parquet has none."""
+        item_id = record.get("item_id")
+        if len(self.tiles) >= SHEET_ITEMS or item_id in self.tiles:
+            return
+        image_exts = sorted(ext for ext in raw.members if member_kind(ext) == "image")
+        if image_exts:
+            categories = as_list(as_dict(record.get("sparse")).get("category"))
+            category = categories[0] if categories else None
+            self.tiles[item_id] = SheetTile(item_id, category, raw.members[image_exts[0]])
+
+    def measured_cardinalities(self) -> dict[str, int]:
+        counts = {name: len(self.ids_in_all_splits(name)) for name in ID_FIELDS}
+        counts = {name: n for name, n in counts.items() if n}
+        return counts | {name: len(values) for name, values in self.sparse_values.items()}
+
+    def ids_in_all_splits(self, name: str) -> set[int]:
+        return set().union(*(stats.ids.get(name, set()) for stats in self.splits.values()))
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def history_bucket(length: int) -> str:
+    return next(name for name, low, high in HISTORY_BUCKETS if low <= length <= high)
+
+
+def scan_dataset(root: Path, spec: DatasetSpec, samples_to_show: int) -> DatasetScan:
+    """Stream every shard listed in dataset.json, in order; note missing, short and unlisted shards."""
+    scan = DatasetScan(spec, samples_to_show)
+    listed = set()
+    for split, shards in spec.shards.items():
+        scan.splits.setdefault(split, SplitStats())
+        for shard in shards:
+            listed.add(shard.name)
+            path = root / shard.name
+            if not path.is_file():
+                scan.problems.append(Problem(shard.name, "", "", "listed in dataset.json but missing"))
+                continue
+            read = scan.scan_shard(split, path)
+            if read != shard.samples:
+                error = f"{read} valid samples read, dataset.json lists {shard.samples}"
+                scan.problems.append(Problem(shard.name, "", "", error))
+    for path in sorted(root.glob("*.tar")):
+        if path.name not in listed:
+            scan.problems.append(Problem(path.name, "", "", "not listed in dataset.json; not scanned"))
+    return scan
+
+
+# ---------------------------------------------------------------------------------------------------- contact sheet
+
+
+def item_tiles(items_path: Path, scan: DatasetScan) -> list[SheetTile]:
+    """Up to SHEET_ITEMS tiles from items.parquet's `images` column, else those collected from the shards."""
+    tiles = parquet_tiles(items_path, scan) if items_path.is_file() else []
+    return tiles or list(scan.tiles.values())
+
+
+def parquet_tiles(items_path: Path, scan: DatasetScan) -> list[SheetTile]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(items_path)
+    except Exception as err:  # noqa: BLE001 (pyarrow raises several kinds on a bad file)
+        scan.problems.append(Problem(items_path.name, "", "", f"unreadable parquet ({err})"))
+        return []
+    names = parquet.schema_arrow.names
+    if "images" not in names:
+        return []
+    columns = [name for name in ("item_id", "images", "category") if name in names]
+    tiles: list[SheetTile] = []
+    for batch in parquet.iter_batches(batch_size=256, columns=columns):
+        for row in batch.to_pylist():
+            images = as_list(row.get("images"))
+            if images and isinstance(images[0], bytes):
+                tiles.append(SheetTile(row.get("item_id"), row.get("category"), images[0]))
+            if len(tiles) >= SHEET_ITEMS:
+                return tiles
+    return tiles
+
+
+def tile_label(tile: SheetTile) -> str:
+    parts = []
+    if tile.item_id is not None:
+        parts.append("#" + str(tile.item_id)[-6:])
+    if tile.category is not None:
+        parts.append(f"c{tile.category}")
+    return " ".join(parts) or "?"
+
+
+def fit_thumbnail(image: Image.Image) -> Image.Image:
+    """Scale to fit a THUMB x THUMB box, keeping the aspect ratio; upscaling keeps the pixels visible."""
+    scale = THUMB / max(image.width, image.height)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+    return image.convert("RGB").resize(size, resample)
+
+
+def draw_contact_sheet(tiles: list[SheetTile], title: str, out: Path, scan: DatasetScan) -> Path:
+    columns = min(SHEET_COLUMNS, len(tiles))
+    rows = math.ceil(len(tiles) / columns)
+    cell_w, cell_h = THUMB + PAD, THUMB + LABEL_HEIGHT + PAD
+    sheet = Image.new("RGB", (PAD + columns * cell_w, TITLE_HEIGHT + rows * cell_h + PAD), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((PAD, 4), title, fill="black")
+    for index, tile in enumerate(tiles):
+        x = PAD + (index % columns) * cell_w
+        y = TITLE_HEIGHT + (index // columns) * cell_h
+        try:
+            thumb = fit_thumbnail(decode_image(tile.image))
+        except Exception as err:  # noqa: BLE001 (PIL raises many kinds on bad bytes)
+            scan.problems.append(Problem("contact sheet", str(tile.item_id), "image", f"bad image ({err})"))
+            draw.rectangle((x, y, x + THUMB - 1, y + THUMB - 1), outline="red")
+        else:
+            sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
+        label = tile_label(tile)
+        draw.text((x + (THUMB - draw.textlength(label)) / 2, y + THUMB + 1), label, fill="black")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out, format="PNG")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- printing
+
+
+def format_table(headers: list[str], rows: list[list[Any]], indent: int = 2) -> str:
+    """Columns padded to their widest cell; numbers right-aligned, text left-aligned."""
+    cells = [[format_cell(value) for value in row] for row in rows]
+    widths = [max(len(row[i]) for row in [headers, *cells]) for i in range(len(headers))]
+    numeric = [all(is_number(row[i]) for row in rows) and bool(rows) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        padded = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)]
+        return (" " * indent + "  ".join(padded)).rstrip()
+
+    rule = " " * indent + "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(row) for row in cells)])
+
+
+def format_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def heading(title: str) -> None:
+    print(f"\n== {title} ==")
+
+
+def print_spec(spec: DatasetSpec) -> None:
+    heading("spec")
+    print(f"  scenario      {spec.scenario}")
+    print(f"  labels        {', '.join(spec.labels)}")
+    print(f"  dense         {', '.join(spec.dense) or '-'}")
+    print(f"  text fields   {', '.join(spec.text) or '-'}{'  (+ raw query)' if spec.query_text else ''}")
+    print(f"  images/item   {spec.images}")
+    if spec.sparse:
+        rows = [[name, bool(f.get("multi")), f.get("cardinality")] for name, f in spec.sparse.items()]
+        print("  sparse features:")
+        print(format_table(["feature", "multi", "cardinality"], rows, indent=4))
+    if spec.history:
+        print("  history sequences:")
+        print(format_table(["sequence", "max_len"], [[n, m] for n, m in spec.history.items()], indent=4))
+
+
+def print_splits(spec: DatasetSpec, scan: DatasetScan) -> None:
+    heading("splits")
+    rows = []
+    for split, stats in scan.splits.items():
+        listed = len(spec.shards.get(split, []))
+        rows.append([split, listed, stats.shards, spec.counts.get(split), stats.samples, stats.cold])
+    headers = ["split", "shards", "read", "samples (spec)", "samples (measured)", "cold"]
+    print(format_table(headers, rows))
+    other = {k: v for k, v in spec.counts.items() if k not in scan.splits}
+    if "eval" in scan.splits and "train" in scan.splits:
+        other["eval_cold_items (measured)"] = len(eval_only_items(scan))
+    if other:
+        print("  " + ", ".join(f"{k}={v}" for k, v in other.items()))
+    print("  " + members_line(scan))
+
+
+def members_line(scan: DatasetScan) -> str:
+    members = sum((stats.members for stats in scan.splits.values()), Counter())
+    line = f"members: {members['json']} json, {members['image']} image, {members['other']} other"
+    if scan.other_exts:
+        line += " (" + ", ".join(f".{ext} x{n}" for ext, n in scan.other_exts.most_common(5)) + ")"
+    return line
+
+
+def eval_only_items(scan: DatasetScan) -> set[int]:
+    return scan.splits["eval"].ids.get("item_id", set()) - scan.splits["train"].ids.get("item_id", set())
+
+
+def print_labels(spec: DatasetSpec, scan: DatasetScan) -> None:
+    heading("labels")
+    rows = []
+    for split, stats in scan.splits.items():
+        for index, label in enumerate(spec.labels):
+            expected = spec.label_rate.get(split) if index == 0 else None
+            rows.append([split, label, stats.label_counts[label], expected, stats.label_rate(label)])
+    print(format_table(["split", "label", "labelled", "rate (spec)", "rate (measured)"], rows))
+
+
+def print_cardinalities(spec: DatasetSpec, scan: DatasetScan) -> None:
+    heading("cardinalities")
+    declared = dict(spec.cardinalities)
+    declared.update({n: f.get("cardinality") for n, f in spec.sparse.items() if n not in declared})
+    measured = scan.measured_cardinalities()
+    names = list(dict.fromkeys([*declared, *measured]))
+    rows = [[name, declared.get(name), measured.get(name), sparse_empty(scan, name)] for name in names]
+    print(format_table(["feature", "spec", "measured (distinct in shards)", "samples w/o value"], rows))
+
+
+def sparse_empty(scan: DatasetScan, name: str) -> int | None:
+    return scan.sparse_empty[name] if name in scan.sparse_values else None
+
+
+def print_history(scan: DatasetScan) -> None:
+    heading("history lengths")
+    if not scan.history:
+        print("  no history sequences")
+    for name, buckets in scan.history.items():
+        lengths = scan.history_lengths[name].as_dict()
+        max_len = scan.spec.history[name]
+        print(f"  {name} (max_len {max_len}; mean {lengths['mean']}, max {lengths['max']})")
+        label_width = max(len(bucket) for bucket, _, _ in HISTORY_BUCKETS)
+        print(bar_chart(buckets_up_to(buckets, max(max_len, int(lengths["max"]))), label_width))
+        if scan.history_too_long[name]:
+            print(f"    ! {scan.history_too_long[name]} samples longer than max_len")
+
+
+def buckets_up_to(buckets: Counter[str], longest: int) -> Counter[str]:
+    """The buckets that could hold a length up to `longest` (the rest are empty by construction)."""
+    return Counter({name: buckets[name] for name, low, _ in HISTORY_BUCKETS if low <= longest})
+
+
+def bar_chart(counts: Counter[str], label_width: int = 0, indent: int = 4) -> str:
+    total = sum(counts.values()) or 1
+    peak = max(counts.values(), default=0) or 1
+    label_width = max([label_width, *(len(name) for name in counts)])
+    count_width = len(str(max(counts.values(), default=0)))
+    lines = []
+    for name, count in counts.items():
+        bar = "#" * math.ceil(BAR_WIDTH * count / peak)
+        share = f"{100 * count / total:5.1f}%"
+        lines.append(
+            f"{' ' * indent}{name:>{label_width}} | {bar:<{BAR_WIDTH}} {count:>{count_width}} {share}"
+        )
+    return "\n".join(lines)
+
+
+def print_text(scan: DatasetScan) -> None:
+    heading("text lengths (chars)")
+    rows = [[name, *stats.as_dict().values()] for name, stats in scan.text.items()]
+    print(format_table(["field", "samples", "mean", "max", "empty"], rows) if rows else "  no text fields")
+
+
+def print_dense(scan: DatasetScan) -> None:
+    heading("dense features")
+    rows = [[name, *stats.as_dict().values()] for name, stats in scan.dense.items()]
+    headers = ["feature", "present", "missing", "not finite", "mean", "min", "max"]
+    print(format_table(headers, rows) if rows else "  no dense features")
+
+
+def print_images(spec: DatasetSpec, scan: DatasetScan) -> None:
+    heading("images")
+    if not scan.image_sizes:
+        print(f"  no images in the shards (spec: {spec.images} per item)")
+        return
+    per_sample = ", ".join(f"{n} image(s): {count}" for n, count in sorted(scan.images_per_sample.items()))
+    print(f"  spec: {spec.images} per item; samples with {per_sample}")
+    rows = [[size, count] for size, count in scan.image_sizes.most_common(10)]
+    print(format_table(["size", "images"], rows))
+
+
+def abbreviate(value: Any) -> Any:
+    """Long lists become their first few items + '... (N more)'; long strings are cut likewise."""
+    if isinstance(value, dict):
+        return {k: abbreviate(v) for k, v in value.items()}
+    if isinstance(value, list) and len(value) > ABBREVIATE_LIST:
+        return [abbreviate(v) for v in value[:ABBREVIATE_KEEP]] + [
+            f"... ({len(value) - ABBREVIATE_KEEP} more)"
+        ]
+    if isinstance(value, list):
+        return [abbreviate(v) for v in value]
+    if isinstance(value, str) and len(value) > ABBREVIATE_CHARS:
+        return value[:ABBREVIATE_CHARS] + f"... ({len(value) - ABBREVIATE_CHARS} more chars)"
+    return value
+
+
+def pretty_json(value: Any, indent: int = 0) -> str:
+    """Indented JSON; lists of scalars, and short objects of scalars, kept on one line."""
+    pad = "  " * indent
+    if is_short_flat_dict(value):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict) and value:
+        items = [f"{pad}  {json.dumps(k)}: {pretty_json(v, indent + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        items = [f"{pad}  {pretty_json(v, indent + 1)}" for v in value]
+        return "[\n" + ",\n".join(items) + f"\n{pad}]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def is_short_flat_dict(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    flat = not any(isinstance(v, (dict, list)) for v in value.values())
+    return flat and len(json.dumps(value, ensure_ascii=False)) <= 80
+
+
+def print_samples(scan: DatasetScan) -> None:
+    heading(f"samples (first {len(scan.shown)})")
+    for sample in scan.shown:
+        images = ", ".join(sample.images) or "none"
+        other = f"; other members: {', '.join(sample.other)}" if sample.other else ""
+        print(f"  -- {sample.shard} {sample.key}  images: {images}{other}")
+        print("\n".join("  " + line for line in pretty_json(abbreviate(sample.record)).splitlines()))
+
+
+def print_problems(problems: list[Problem]) -> None:
+    heading(f"problems ({len(problems)})")
+    if not problems:
+        print("  none")
+    for problem in problems[:PROBLEMS_SHOWN]:
+        print(f"  ! {problem}")
+    if len(problems) > PROBLEMS_SHOWN:
+        print(f"  ... and {len(problems) - PROBLEMS_SHOWN} more")
+
+
+# ---------------------------------------------------------------------------------------------------- entry point
+
+
+def write_sheet(root: Path, spec: DatasetSpec, scan: DatasetScan, sheet: str | None) -> Path | None:
+    heading("contact sheet")
+    tiles = item_tiles(root / "items.parquet", scan)
+    if not tiles:
+        print("  the dataset has no images; no contact sheet written")
+        return None
+    out = Path(sheet) if sheet else root / "contact_sheet.png"
+    title = f"{root.name}: {len(tiles)} items (label: #last id digits, c category)"
+    draw_contact_sheet(tiles, title, out, scan)
+    print(f"  {len(tiles)} items -> {out}")
+    return out
+
+
+def report(spec: DatasetSpec, scan: DatasetScan, sheet: Path | None) -> dict[str, Any]:
+    first_label = spec.labels[0] if spec.labels else None
+    return {
+        "scenario": spec.scenario,
+        "counts": {split: stats.samples for split, stats in scan.splits.items()},
+        "shards": {split: stats.shards for split, stats in scan.splits.items()},
+        "label_rate": {split: stats.label_rate(first_label) for split, stats in scan.splits.items()},
+        "label_rates": {
+            split: {label: stats.label_rate(label) for label in spec.labels}
+            for split, stats in scan.splits.items()
+        },
+        "members": dict(sum((stats.members for stats in scan.splits.values()), Counter())),
+        "cardinalities": {"spec": dict(spec.cardinalities), "measured": scan.measured_cardinalities()},
+        "sparse_empty": {name: scan.sparse_empty[name] for name in spec.sparse},
+        "history": {name: dict(buckets) for name, buckets in scan.history.items()},
+        "history_lengths": {name: stats.as_dict() for name, stats in scan.history_lengths.items()},
+        "text": {name: stats.as_dict() for name, stats in scan.text.items()},
+        "dense": {name: stats.as_dict() for name, stats in scan.dense.items()},
+        "image_sizes": dict(scan.image_sizes),
+        "problems": [vars(problem) for problem in scan.problems],
+        "sheet": str(sheet) if sheet else None,
+    }
+
+
+def inspect_dataset(path: str, samples: int = 3, sheet: str | None = None) -> dict[str, Any]:
+    """Print a dataset directory's spec and measured contents; write a contact sheet; return the numbers."""
+    root = Path(path)
+    spec = read_spec(root)
+    print(f"dataset {root.resolve()}")
+    if spec.created_by:
+        print(f"  created by: {abbreviate(spec.created_by)}")
+    print_spec(spec)
+    scan = scan_dataset(root, spec, samples)
+    print_splits(spec, scan)
+    print_labels(spec, scan)
+    print_cardinalities(spec, scan)
+    print_history(scan)
+    print_text(scan)
+    print_dense(scan)
+    print_images(spec, scan)
+    print_samples(scan)
+    sheet_path = write_sheet(root, spec, scan, sheet)
+    print_problems(scan.problems)
+    return report(spec, scan, sheet_path)

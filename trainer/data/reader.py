@@ -1,0 +1,310 @@
+"""The streaming reader: shards -> samples -> batches, as small generator stages, on each rank and worker.
+
+Equal batches on every rank (all-to-alls hang otherwise):
+- train: shards are split by rank, then by DataLoader worker ("reader" = one (rank, worker) pair). Every reader
+  yields the same number of batches per epoch: the fewest full batches any reader's shards hold. Readers with
+  more drop their surplus (the shard order is reshuffled every epoch, so a different surplus is dropped each
+  time); a reader that runs short because bad samples were skipped tops up from the start of its own shards.
+- eval: every sample is read exactly once; the last batch of a reader and readers with fewer batches are padded
+  with invalid rows (`Batch.valid` is False), so every rank still sees the same number of full batches.
+
+Exact resume: the reader's position is (epoch, batches yielded this epoch, raw samples each reader consumed).
+On resume, each reader re-opens its shards in the same order with the same shuffle seed and skips the raw samples
+it had consumed (no decoding), and workers are rotated so the next batch comes from the reader that was next.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from trainer.config.schema import Config
+from trainer.data.batch import Batch
+from trainer.data.collate import CollateSpec, Collator, collate_spec, empty_sample
+from trainer.data.decode import BadSample, Limits, RawSample, SkipCounter, parse_sample, tar_samples
+from trainer.data.sources import ShardRef, assign_shards, epoch_order, expand_shards, reader_sample_counts
+from trainer.data.spec import DatasetSpec, read_spec
+from trainer.data.tokenizer import resolve_tokenizer
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReaderSettings:
+    batch_size: int
+    training: bool
+    """Shuffle and equalise by truncation (train) or read everything once and pad (eval)."""
+    num_workers: int
+    shuffle_buffer: int
+    seed: int
+    bad_input: str
+    limits: Limits
+
+
+class ShardDataset(IterableDataset):
+    """Yields whole batches; one instance per rank, iterated by each DataLoader worker."""
+
+    def __init__(
+        self,
+        shards: list[ShardRef],
+        spec: DatasetSpec,
+        collate: CollateSpec,
+        tokenizer: Any,
+        settings: ReaderSettings,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.shards, self.spec, self.settings = shards, spec, settings
+        self.collator = Collator(collate, tokenizer)
+        self.rank, self.world_size = rank, world_size
+        self.readers = max(1, settings.num_workers)
+        self.epoch = 0
+        self.start_batches = 0
+        self.start_positions = [0] * self.readers
+
+    def batches_per_reader(self, epoch: int) -> int:
+        counts = reader_sample_counts(self.epoch_shards(epoch), self.world_size, self.readers)
+        bs = self.settings.batch_size
+        if self.settings.training:
+            return min(counts) // bs
+        return max(-(-c // bs) for c in counts)
+
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        return self.batches_per_reader(epoch) * self.readers
+
+    def epoch_shards(self, epoch: int) -> list[ShardRef]:
+        return epoch_order(self.shards, self.settings.seed, epoch, shuffle=self.settings.training)
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        # Rotate workers so that, after a resume mid-round, the first batch comes from the reader that was next.
+        reader = (physical + self.start_batches) % self.readers
+        done = self.start_batches // self.readers + (1 if reader < self.start_batches % self.readers else 0)
+        total = self.batches_per_reader(self.epoch)
+        yield from itertools.islice(self._reader_batches(reader, self.start_positions[reader]), total - done)
+
+    def _reader_batches(self, reader: int, skip_raw: int) -> Iterator[Batch]:
+        s = self.settings
+        mine = assign_shards(self.epoch_shards(self.epoch), self.rank, self.world_size, reader, self.readers)
+        skips = SkipCounter(policy=s.bad_input)
+        rng = random.Random(f"{s.seed}/{self.epoch}/{self.rank}/{reader}")
+        raw = self._raw_stream(mine, skips, rng) if s.training else self._one_pass(mine, skips)
+        counted = Counted(raw)
+        for _ in itertools.islice(counted, skip_raw):
+            pass
+        for chunk in chunks(self._decoded(counted, skips), s.batch_size):
+            valid = [True] * len(chunk)
+            if len(chunk) < s.batch_size:  # eval only: pad the last batch
+                valid += [False] * (s.batch_size - len(chunk))
+                chunk = chunk + [empty_sample(self.collator.spec)] * (s.batch_size - len(chunk))
+            batch = self.collator(chunk, valid)
+            batch.skipped, batch.reader, batch.reader_position = skips.take(), reader, counted.consumed
+            yield batch
+        if not s.training:  # readers with fewer batches pad with fully invalid ones
+            pad = [empty_sample(self.collator.spec)] * s.batch_size
+            while True:
+                batch = self.collator(pad, [False] * s.batch_size)
+                batch.skipped, batch.reader = skips.take(), reader
+                yield batch
+
+    def _one_pass(self, shards: list[ShardRef], skips: SkipCounter) -> Iterator[RawSample]:
+        for shard in shards:
+            yield from tar_samples(shard.url, skips)
+
+    def _raw_stream(
+        self, shards: list[ShardRef], skips: SkipCounter, rng: random.Random
+    ) -> Iterator[RawSample]:
+        """The reader's shards through the shuffle buffer; then, only if it runs short, again in a fresh order.
+        Each pass is shuffled on its own, so no sample comes twice before every sample came once."""
+        order = list(shards)
+        while shards:
+            produced = 0
+            for sample in shuffled(self._one_pass(order, skips), self.settings.shuffle_buffer, rng):
+                produced += 1
+                yield sample
+            if produced == 0:
+                raise RuntimeError(
+                    f"rank {self.rank}: shards {[s.url for s in shards]} yielded no samples at all"
+                )
+            order = list(shards)
+            rng.shuffle(order)
+
+    def _decoded(self, raw: Iterator[RawSample], skips: SkipCounter) -> Iterator[dict[str, Any]]:
+        for sample in raw:
+            try:
+                yield parse_sample(sample, self.spec, self.settings.limits)
+            except BadSample as err:
+                skips.handle(err)
+
+
+class Counted:
+    """Passes a stream through, counting what was taken from it (generators are lazy, so this is exact)."""
+
+    def __init__(self, stream: Iterator[Any]) -> None:
+        self.stream = stream
+        self.consumed = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self.stream)
+        self.consumed += 1
+        return item
+
+
+def shuffled(stream: Iterator[Any], buffer: int, rng: random.Random) -> Iterator[Any]:
+    """A shuffle buffer: fill, then yield a random element and replace it with the next from the stream."""
+    if buffer <= 1:
+        yield from stream
+        return
+    buf: list[Any] = []
+    for item in stream:
+        if len(buf) < buffer:
+            buf.append(item)
+            continue
+        k = rng.randrange(buffer)
+        buf[k], item = item, buf[k]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def chunks(stream: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    while chunk := list(itertools.islice(stream, size)):
+        yield chunk
+
+
+class BatchStream:
+    """A rank's batches across epochs, with a resumable position. Iterating continues where the last batch left off."""
+
+    def __init__(self, dataset: ShardDataset, pin_memory: bool = False, epochs: int | None = None) -> None:
+        self.dataset = dataset
+        self.pin_memory = pin_memory
+        self.epochs = epochs
+        self.epoch = 0
+        self.batches = 0
+        self.positions = [0] * dataset.readers
+        self.skipped: Counter = Counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "positions": list(self.positions),
+            "readers": self.dataset.readers,
+            "rank": self.dataset.rank,
+            "world_size": self.dataset.world_size,
+            "skipped": dict(self.skipped),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("readers", "world_size"):
+            mine = self.dataset.readers if key == "readers" else self.dataset.world_size
+            if state[key] != mine:
+                raise ValueError(
+                    f"reader state was saved with {key}={state[key]} but this run has {mine}: "
+                    "an exact resume needs the same number of ranks and data workers"
+                )
+        self.epoch, self.batches = state["epoch"], state["batches"]
+        self.positions = list(state["positions"])
+        self.skipped = Counter(state.get("skipped", {}))
+
+    def __iter__(self) -> Iterator[Batch]:
+        while self.epochs is None or self.epoch < self.epochs:
+            per_epoch = self.dataset.batches_per_epoch(self.epoch)
+            if per_epoch == 0:
+                raise ValueError(
+                    f"rank {self.dataset.rank}: no full batch of {self.dataset.settings.batch_size} per reader; "
+                    "use fewer workers or ranks, a smaller batch, or more shards"
+                )
+            if self.batches < per_epoch:
+                yield from self._epoch()
+            self.epoch, self.batches = self.epoch + 1, 0
+            self.positions = [0] * self.dataset.readers
+
+    def _epoch(self) -> Iterator[Batch]:
+        ds = self.dataset
+        ds.epoch, ds.start_batches, ds.start_positions = self.epoch, self.batches, list(self.positions)
+        workers = ds.settings.num_workers
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+            multiprocessing_context="fork" if workers else None,
+        )
+        for batch in loader:
+            self.batches += 1
+            self.positions[batch.reader] = batch.reader_position
+            self.skipped.update(batch.skipped)
+            yield batch
+
+    def report(self) -> str:
+        if not self.skipped:
+            return "reader: no bad samples"
+        total = sum(self.skipped.values())
+        parts = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
+        return f"reader: skipped {total} bad samples ({parts})"
+
+
+def build_dataset(
+    spec: DatasetSpec,
+    shards: list[ShardRef],
+    tokenizer: Any,
+    settings: ReaderSettings,
+    text_fields: dict[str, int],
+    query_tokens: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ShardDataset:
+    collate = collate_spec(
+        spec, text_fields, query_tokens, settings.limits.image_size, settings.limits.images_per_sample
+    )
+    return ShardDataset(shards, spec, collate, tokenizer, settings, rank, world_size)
+
+
+def make_batch_stream(
+    cfg: Config,
+    split: str,
+    rank: int = 0,
+    world_size: int = 1,
+    epochs: int | None = None,
+    pin_memory: bool = False,
+) -> BatchStream:
+    """The reader for `split` ("train" or "eval") of cfg.data.path, as configured."""
+    data, model = cfg.data, cfg.model
+    spec = read_spec(data.path)
+    pattern = data.train_shards if split == "train" else data.eval_shards
+    shards = expand_shards(pattern, data.path, split, spec)
+    tokenizer = resolve_tokenizer(data.tokenizer, data.path, spec.text, data.vocab_size)
+    settings = ReaderSettings(
+        batch_size=data.batch_size,
+        training=split == "train",
+        num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer,
+        seed=data.seed,
+        bad_input=data.bad_input,
+        limits=Limits(
+            data.max_text_chars, data.image_size, data.images_per_sample if model.use_images else 0
+        ),
+    )
+    text_fields = dict(zip(model.text_fields, model.text_max_tokens))
+    dataset = build_dataset(
+        spec, shards, tokenizer, settings, text_fields, model.query_max_tokens, rank, world_size
+    )
+    return BatchStream(dataset, pin_memory=pin_memory, epochs=epochs if split == "train" else 1)
