@@ -174,9 +174,9 @@ def test_plain_webdataset_and_tar_read_our_shards(small_dataset: Path) -> None:
     assert samples[0]["json"]["labels"]["click"] in (0, 1)
     assert samples[0]["jpg"].size == (24, 24)
     with tarfile.open(path) as tar:
-        names = tar.getnames()
-    assert len(names) == 2 * spec.shards["train"][0].samples
-    assert all(info.mtime == 0 for info in tarfile.open(path).getmembers())
+        members = tar.getmembers()
+    assert len(members) == 2 * spec.shards["train"][0].samples
+    assert all(info.mtime == 0 for info in members)
 
 
 def test_pipe_url_and_brace_pattern(small_dataset: Path) -> None:

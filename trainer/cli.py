@@ -123,9 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileExistsError, FileNotFoundError) as err:
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"lemur: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `lemur ... | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

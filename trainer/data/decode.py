@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import math
+import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -80,11 +81,21 @@ def tar_samples(url: str, skips: SkipCounter) -> Iterator[RawSample]:
                 data = tar.extractfile(info)
                 members[ext.lower()] = data.read() if data else b""
                 tar.members = []  # streaming: do not keep every TarInfo
+            check_end_of_archive(tar, url)
     except (tarfile.TarError, OSError, EOFError) as err:
         skips.handle(BadSample(url, key or "<start>", "<tar>", "corrupt_tar", str(err)))
         return
     if members:
         yield RawSample(url, key, members)
+
+
+def check_end_of_archive(tar: tarfile.TarFile, url: str) -> None:
+    """tarfile stops quietly at a header cut short; a plain tar file ends with two zero blocks after the last member."""
+    if url.startswith("pipe:") or getattr(tar.fileobj, "comptype", None) != "tar":
+        return  # streams and compressed tars: the size is unknown or not comparable
+    size = os.path.getsize(url)
+    if size - tar.offset < 2 * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"archive cut short at byte {size} (no end-of-archive blocks)")
 
 
 @dataclass
