@@ -1,0 +1,1 @@
+"""TorchRec ID tables, the sharding planner / DMP wrapper and LEMUR's sharded memory bank."""

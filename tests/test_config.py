@@ -1,0 +1,70 @@
+"""The config tree: presets load, overrides apply with types, errors name the field, TOML round-trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError, config_to_toml, load_config, preset_names
+
+
+def test_every_preset_loads_and_validates() -> None:
+    assert {"tiny", "small", "lemur", "em3"} <= set(preset_names())
+    for name in preset_names():
+        assert load_config(name).name == name
+
+
+def test_lemur_and_em3_presets_have_the_papers_shape() -> None:
+    lemur = load_config("lemur")
+    assert (lemur.model.query_tower.layers, lemur.model.text_tower.layers) == (2, 4)
+    assert lemur.model.text_tower.hidden == 256 and lemur.model.content_dim == 128
+    assert lemur.data.synth.long_history == 1000 and not lemur.model.use_images and lemur.data.synth.search
+    em3 = load_config("em3")
+    assert em3.model.use_images and em3.model.fusion == "fqformer" and em3.data.image_size == 224
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config("tiny", ["data.batch_size=8", "optimizer.lr=1e-2", "model.fusion=2flow", "embeddings.hash_sizes={item_id = 7}"])
+    assert cfg.data.batch_size == 8 and cfg.optimizer.lr == 0.01 and cfg.model.fusion == "2flow"
+    assert cfg.embeddings.hash_sizes == {"item_id": 7}
+    assert load_config("tiny", ["optimizer.lr=1"]).optimizer.lr == 1.0  # int is fine for a float
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.batch_size=0", "data.batch_size: must be > 0"),
+        ("data.batch_size=x", "data.batch_size must be int"),
+        ("data.bad_input=maybe", "data.bad_input"),
+        ("model.fusion=concat", "model.fusion"),
+        ("model.text_max_tokens=[4]", "model.text_max_tokens: needs one budget per text field"),
+        ("model.text_tower.hidden=31", "model.text_tower.hidden: must be divisible by heads"),
+        ("training.dtype=float16", "training.dtype"),
+        ("data.synth.eval_share=1.5", "data.synth.eval_share"),
+        ("data.nope=1", "unknown field 'data.nope'"),
+        ("nope.x=1", "no section 'nope'"),
+        ("data=1", "is a section"),
+        ("data.batch_size", "expected key=value"),
+    ],
+)
+def test_errors_name_the_field(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config("tiny", [override])
+
+
+def test_unknown_preset_and_bad_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("huge")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[data]\nbatch_size = 'eight'\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: data.batch_size must be int"):
+        load_config(str(bad))
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
+    for name in preset_names():
+        cfg = load_config(name, ["embeddings.hash_sizes={item_id = 11}"])
+        path = tmp_path / f"{name}.toml"
+        path.write_text(config_to_toml(cfg))
+        assert load_config(str(path)) == cfg
