@@ -151,6 +151,8 @@ class ModelConfig:
     """Token budget per text field, in the order of text_fields (LEMUR: title 31, OCR 124, ASR 12, cover OCR 12)."""
     query_max_tokens: int = 10
     """Token budget of the raw query (LEMUR: max 10)."""
+    use_content: bool = True
+    """Encode the target item's raw content (and the query) end to end; False = the ID-only baseline."""
     use_images: bool = True
     """Feed item images to the vision tower (EM3); False = text only (LEMUR)."""
     text_tower: TowerConfig = field(default_factory=TowerConfig)
