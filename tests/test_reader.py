@@ -67,7 +67,8 @@ def test_round_trip_ids_tokens_pixels(small_dataset: Path) -> None:
         assert tokenizer.decode(batch.query.input_ids[i], skip_special_tokens=True) == record["query"]
         pixels = torch.from_numpy(decode_image(jpg, cfg.data.image_size).copy()).permute(2, 0, 1)
         assert torch.equal(batch.images[i, 0], pixels) and batch.image_mask[i, 0]
-    sparse = batch.sparse.to_dict()
+    sparse = {**batch.sparse.to_dict(), **batch.sequences.to_dict()}
+    assert batch.sequences.keys() == ["item_id", "short", "long"]
     for key in ["user_id", "item_id", "category", "tags"]:
         rows = sparse[key].to_dense()
         for i, (record, _) in enumerate(records[: batch.size]):

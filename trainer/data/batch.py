@@ -17,9 +17,10 @@ class Tokens:
 @dataclass
 class Batch:
     sparse: KeyedJaggedTensor
-    """Pooled id features (EmbeddingBagCollection): user_id, item_id, query_id, then the spec's sparse features."""
+    """Pooled id features (EmbeddingBagCollection): user_id, query_id (search), then the spec's sparse features."""
     sequences: KeyedJaggedTensor
-    """User-history item-id sequences (EmbeddingCollection), most recent last."""
+    """Item-id sequences (EmbeddingCollection, one shared item table): item_id (the target, length 1), then the
+    user-history sequences, most recent last."""
     dense: torch.Tensor
     """[B, num_dense] float32."""
     text: dict[str, Tokens]

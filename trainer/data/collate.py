@@ -32,7 +32,14 @@ class CollateSpec:
 
     @property
     def pooled_keys(self) -> list[str]:
-        return self.id_features + self.sparse_features
+        """Pooled (EmbeddingBagCollection) features: every id but the item, then the sparse features."""
+        return [k for k in self.id_features if k != "item_id"] + self.sparse_features
+
+    @property
+    def sequence_keys(self) -> list[str]:
+        """Item-id sequences (EmbeddingCollection): the target item (length 1), then the histories; they share
+        one item table, so target and history embeddings live in one space."""
+        return ["item_id"] + self.sequences
 
 
 def collate_spec(
@@ -100,6 +107,7 @@ class Collator:
     def __call__(self, samples: list[dict[str, Any]], valid: list[bool] | None = None) -> Batch:
         s = self.spec
         pooled_rows = [{**{k: [x[k]] for k in s.id_features}, **x["sparse"]} for x in samples]
+        sequence_rows = [{"item_id": [x["item_id"]], **x["history"]} for x in samples]
         n_img, size = s.images_per_sample, s.image_size
         images = np.zeros((len(samples), n_img, size, size, 3), dtype=np.uint8)
         image_mask = np.zeros((len(samples), n_img), dtype=bool)
@@ -112,7 +120,7 @@ class Collator:
 
         return Batch(
             sparse=jagged(s.pooled_keys, pooled_rows),
-            sequences=jagged(s.sequences, [x["history"] for x in samples]),
+            sequences=jagged(s.sequence_keys, sequence_rows),
             dense=torch.tensor([x["dense"] for x in samples], dtype=torch.float32).reshape(
                 len(samples), len(s.dense)
             ),
