@@ -58,7 +58,9 @@ def corrupt(kind: str, members: dict[str, bytes]) -> dict[str, bytes]:
     elif kind == "missing_json":
         del members["json"]
     if kind not in ("bad_image", "malformed_json", "missing_json"):
-        members["json"] = json.dumps(record).encode()  # NaN is written as the token NaN, which json.loads reads
+        members["json"] = json.dumps(
+            record
+        ).encode()  # NaN is written as the token NaN, which json.loads reads
     return members
 
 
@@ -73,7 +75,9 @@ KINDS = {
 }
 
 
-def write_dataset(src: Path, out: Path, samples: list[tuple[str, dict[str, bytes]]], truncate: bool = False) -> Path:
+def write_dataset(
+    src: Path, out: Path, samples: list[tuple[str, dict[str, bytes]]], truncate: bool = False
+) -> Path:
     out.mkdir(parents=True)
     shutil.copytree(src / "tokenizer", out / "tokenizer")
     with ShardWriter(out / "eval-000000.tar") as writer:

@@ -12,8 +12,13 @@ from trainer.cli import main
 def test_synth_then_inspect_from_the_command_line(tmp_path: Path) -> None:
     out = tmp_path / "d"
     run = [sys.executable, "-m", "trainer"]
-    subprocess.run([*run, "data", "synth", "--preset", "tiny", "--out", str(out), "--samples", "2000", "--workers", "2"], check=True)
-    result = subprocess.run([*run, "data", "inspect", str(out), "--samples", "1"], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [*run, "data", "synth", "--preset", "tiny", "--out", str(out), "--samples", "2000", "--workers", "2"],
+        check=True,
+    )
+    result = subprocess.run(
+        [*run, "data", "inspect", str(out), "--samples", "1"], check=True, capture_output=True, text=True
+    )
     assert "== spec ==" in result.stdout and "contact_sheet.png" in result.stdout
     assert (out / "contact_sheet.png").is_file()
 

@@ -25,7 +25,15 @@ def test_lemur_and_em3_presets_have_the_papers_shape() -> None:
 
 
 def test_overrides_are_typed() -> None:
-    cfg = load_config("tiny", ["data.batch_size=8", "optimizer.lr=1e-2", "model.fusion=2flow", "embeddings.hash_sizes={item_id = 7}"])
+    cfg = load_config(
+        "tiny",
+        [
+            "data.batch_size=8",
+            "optimizer.lr=1e-2",
+            "model.fusion=2flow",
+            "embeddings.hash_sizes={item_id = 7}",
+        ],
+    )
     assert cfg.data.batch_size == 8 and cfg.optimizer.lr == 0.01 and cfg.model.fusion == "2flow"
     assert cfg.embeddings.hash_sizes == {"item_id": 7}
     assert load_config("tiny", ["optimizer.lr=1"]).optimizer.lr == 1.0  # int is fine for a float

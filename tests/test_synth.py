@@ -72,8 +72,16 @@ def test_history_and_content_carry_the_signal(small_dataset: Path) -> None:
     items = pq.read_table(small_dataset / "items.parquet").to_pydict()
     category = dict(zip(items["item_id"], items["category"]))
     train = records(small_dataset, "train")
-    match = [r["labels"]["click"] for r in train if category[r["item_id"]] in {category[i] for i in r["history"]["long"]}]
-    other = [r["labels"]["click"] for r in train if category[r["item_id"]] not in {category[i] for i in r["history"]["long"]}]
+    match = [
+        r["labels"]["click"]
+        for r in train
+        if category[r["item_id"]] in {category[i] for i in r["history"]["long"]}
+    ]
+    other = [
+        r["labels"]["click"]
+        for r in train
+        if category[r["item_id"]] not in {category[i] for i in r["history"]["long"]}
+    ]
     assert np.mean(match) > np.mean(other) + 0.05
 
     words = defaultdict(list)

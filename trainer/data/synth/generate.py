@@ -371,5 +371,6 @@ def _spec(cfg: SynthConfig, world: World, results: list[ShardResult]) -> Dataset
             "eval_from_timestamp": EPOCH + int(cfg.days * SECONDS_PER_DAY * (1.0 - cfg.eval_share)),
             "cold_item_share": cfg.cold_item_share,
         },
-        created_by="lemur data synth " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items() if k != "workers"),
+        created_by="lemur data synth "
+        + " ".join(f"{k}={v}" for k, v in asdict(cfg).items() if k != "workers"),
     )
