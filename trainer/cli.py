@@ -60,6 +60,27 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from trainer.train import train
+
+    train(load_config(args.config, args.overrides), resume=args.resume)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint, as_json=args.json)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from trainer.evaluate import export_checkpoint
+
+    export_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.out)
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     print(config_to_toml(load_config(args.config, args.overrides)), end="")
     return 0
@@ -74,6 +95,33 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the resolved config as TOML")
     _add_config_args(config)
     config.set_defaults(func=_config)
+
+    train = sub.add_parser("train", help="train (under torchrun for several processes)")
+    _add_config_args(train)
+    train.add_argument(
+        "--resume", help="'auto' (latest checkpoint in logging.out_dir, if any) or a checkpoint directory"
+    )
+    train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser(
+        "eval", help="score a checkpoint on the eval shards: AUC, GAUC, QAUC, cold-start AUC"
+    )
+    _add_config_args(evaluate)
+    evaluate.add_argument(
+        "--checkpoint", default="auto", help="'auto' (latest in logging.out_dir) or a directory"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.set_defaults(func=_eval)
+
+    export = sub.add_parser(
+        "export", help="write the item lookup table (item_id -> content vector) as parquet"
+    )
+    _add_config_args(export)
+    export.add_argument(
+        "--checkpoint", default="auto", help="'auto' (latest in logging.out_dir) or a directory"
+    )
+    export.add_argument("--out", required=True, help="parquet file to write")
+    export.set_defaults(func=_export)
 
     data = sub.add_parser("data", help="generate, import and inspect datasets").add_subparsers(
         dest="data_command", required=True

@@ -214,7 +214,8 @@ class EmbeddingsConfig:
     sharding_types: list[str] = field(default_factory=lambda: ["table_wise", "row_wise", "column_wise"])
     """Sharding types the planner may choose (data_parallel is refused: see the README)."""
     compute_kernel: str = "fused"
-    """TorchRec compute kernel: fused (optimizer in backward) or dense."""
+    """TorchRec compute kernel, always with the optimizer fused into backward: fused (tables in device memory),
+    fused_uvm_caching (GPU: UVM-backed tables with an HBM cache), fused_uvm."""
     optimizer: str = "rowwise_adagrad"
     """Fused sparse optimizer: rowwise_adagrad, adagrad, adam, sgd."""
     lr: float = 0.05
@@ -227,7 +228,11 @@ class EmbeddingsConfig:
         allowed = {"table_wise", "row_wise", "column_wise", "table_column_wise", "table_row_wise"}
         bad = [t for t in self.sharding_types if t not in allowed]
         check(not bad, f"{p}.sharding_types", f"unknown or refused {bad}; allowed: {sorted(allowed)}")
-        check(self.compute_kernel in ("fused", "dense"), f"{p}.compute_kernel", "must be fused or dense")
+        check(
+            self.compute_kernel in ("fused", "fused_uvm_caching", "fused_uvm"),
+            f"{p}.compute_kernel",
+            "must be fused, fused_uvm_caching or fused_uvm",
+        )
         check(
             self.optimizer in ("rowwise_adagrad", "adagrad", "adam", "sgd"),
             f"{p}.optimizer",
@@ -297,7 +302,10 @@ class TrainingConfig:
     steps: int = 200
     """Optimizer steps."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step. Only 1 for now: the fused sparse optimizer updates the tables in every
+    backward, so accumulation would apply the sparse part GAS times with 1/GAS-scaled gradients."""
+    grad_clip: float = 1.0
+    """Clip the dense gradients' global norm (0: off)."""
     eval_every: int = 100
     """Evaluate every N steps (0: only at the end)."""
     checkpoint_every: int = 100
@@ -313,7 +321,12 @@ class TrainingConfig:
 
     def validate(self, p: str) -> None:
         check(self.steps > 0, f"{p}.steps", "must be > 0")
-        check(self.grad_accum >= 1, f"{p}.grad_accum", "must be >= 1")
+        check(
+            self.grad_accum == 1,
+            f"{p}.grad_accum",
+            "must be 1: fused sparse optimizers update in every backward, so accumulation would be wrong for the ID tables",
+        )
+        check(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0")
         check(self.eval_every >= 0 and self.checkpoint_every >= 0, f"{p}.eval_every", "must be >= 0")
         check(self.dtype in ("float32", "bfloat16"), f"{p}.dtype", "must be float32 or bfloat16 (not fp16)")
         check(self.sqdc_weight >= 0, f"{p}.sqdc_weight", "must be >= 0")

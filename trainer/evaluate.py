@@ -1,0 +1,48 @@
+"""`lemur eval` and `lemur export`: load a checkpoint into a freshly built trainer, then score or export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from trainer.config import Config
+from trainer.distributed import close_distributed, init_distributed
+from trainer.export import export_items
+from trainer.loop import Trainer
+from trainer.metrics import format_metrics_table
+from trainer.train import setup_logging
+
+
+def _loaded(cfg: Config, checkpoint: str) -> Trainer:
+    trainer = Trainer(cfg, init_distributed(cfg.distributed.backend))
+    path = trainer.checkpointer.resolve(checkpoint)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint under {trainer.checkpointer.root}")
+    trainer.checkpointer.load(path, weights_only=True)
+    return trainer
+
+
+def evaluate_checkpoint(
+    cfg: Config, checkpoint: str = "auto", as_json: bool = False, name: str = "model"
+) -> dict[str, Any]:
+    try:
+        trainer = _loaded(cfg, checkpoint)
+        setup_logging(trainer.info.rank)
+        results = trainer.evaluate()
+        if trainer.info.is_main:
+            print(json.dumps(results, indent=1) if as_json else format_metrics_table({name: results}))
+        return results
+    finally:
+        close_distributed()
+
+
+def export_checkpoint(cfg: Config, checkpoint: str, out: str) -> Path | None:
+    try:
+        trainer = _loaded(cfg, checkpoint)
+        path = export_items(trainer, Path(out))
+        if path is not None:
+            print(f"exported item vectors -> {path}")
+        return path
+    finally:
+        close_distributed()

@@ -1,0 +1,192 @@
+"""The training loop: build from config, then small step functions (train step, eval, log, checkpoint)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from embeddings.sharding import describe_plan, shard_sparse
+from embeddings.tables import plan_tables
+from trainer.checkpoint import Checkpointer
+from trainer.config import Config, config_to_toml
+from trainer.data.batch import Batch
+from trainer.data.reader import make_batch_stream
+from trainer.data.spec import read_spec
+from trainer.distributed import DistInfo
+from trainer.engine import wrap_dense
+from trainer.flops import FlopMeter
+from trainer.logger import MetricsLogger
+from trainer.losses import bce_loss
+from trainer.metrics import EvalAccumulator
+from trainer.models.model import DenseOutput, Embedded, build_model
+
+log = logging.getLogger("lemur")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: DistInfo) -> None:
+        self.cfg, self.info = cfg, info
+        self.dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else torch.float32
+        self.out_dir = Path(cfg.logging.out_dir)
+        self.spec = read_spec(cfg.data.path)
+        self.train_stream = make_batch_stream(
+            cfg, "train", info.rank, info.world_size, pin_memory=info.device.type == "cuda"
+        )
+        tokenizer = self.train_stream.dataset.collator.tokenizer
+        self.plan = plan_tables(self.spec, cfg.embeddings)
+        seed_everything(cfg.training.seed)
+        model = build_model(cfg, self.spec, self.plan, len(tokenizer), tokenizer.pad_token_id)
+        model.dense.to(info.device)
+        self.dmp = shard_sparse(model, model.sparse, cfg.embeddings, info.device, cfg.data.batch_size)
+        self.model = self.dmp.module
+        self.engine = wrap_dense(cfg, self.model.dense, info.world_size)
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", self)
+        self.metrics = MetricsLogger(self.out_dir, info.is_main, cfg.logging.tensorboard)
+        self.flops = FlopMeter(info.device)
+        self.step = 0
+        if info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.toml").write_text(config_to_toml(cfg))
+            log.info("sharding plan:\n%s", describe_plan(self.dmp))
+            log.info("dense parameters: %s (trainable %s)", self.count_params(False), self.count_params(True))
+
+    def count_params(self, trainable: bool) -> int:
+        return sum(p.numel() for p in self.model.dense.parameters() if p.requires_grad or not trainable)
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def forward(self, batch: Batch) -> DenseOutput:
+        embedded = self.model.embed(batch)
+        if self.dtype != torch.float32:
+            embedded, batch = self.cast(embedded), replace(batch, dense=batch.dense.to(self.dtype))
+        return self.engine(batch, embedded)
+
+    def cast(self, embedded: Embedded) -> Embedded:
+        histories = {k: (v.to(self.dtype), m) for k, (v, m) in embedded.histories.items()}
+        return Embedded(embedded.pooled.to(self.dtype), embedded.target.to(self.dtype), histories)
+
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        batch = batch.to(self.info.device, non_blocking=True)
+        with self.flops.measure(self.step):
+            out = self.forward(batch)
+            loss = bce_loss(out.logits, batch.labels[:, 0], batch.valid)
+            self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.engine.eval()
+        accumulator = EvalAccumulator()
+        stream = make_batch_stream(self.cfg, "eval", self.info.rank, self.info.world_size)
+        for batch in stream:
+            batch = batch.to(self.info.device, non_blocking=True)
+            out = self.forward(batch)
+            accumulator.add(
+                out.logits.float(), batch.labels[:, 0], batch.user_id, batch.query_id, batch.cold, batch.valid
+            )
+        self.engine.train()
+        return accumulator.compute()
+
+    # ------------------------------------------------------------------------------------------------ loop
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg.training
+        batches = iter(self.train_stream)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=not (self.info.is_main and self.cfg.logging.progress_bar),
+            desc="train",
+        )
+        window = Window()
+        history: list[float] = []
+        results: dict[str, Any] = {}
+        while self.step < cfg.steps:
+            batch = next(batches)
+            loss = self.train_step(batch)
+            self.step += 1
+            window.add(loss, batch.size)
+            bar.update(1)
+            if self.step % self.cfg.logging.log_every == 0 or self.step == cfg.steps:
+                values = self.log_train(window)
+                history.append(values["loss"])
+                bar.set_postfix(loss=f"{values['loss']:.4f}")
+                window = Window()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.log_eval(self.evaluate())
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self.checkpointer.save(self.step)
+        bar.close()
+        results["eval"] = self.evaluate()
+        self.log_eval(results["eval"])
+        self.checkpointer.save(self.step)
+        results["train_loss"] = history
+        log.info("%s", self.train_stream.report())
+        return results
+
+    def log_train(self, window: Window) -> dict[str, float]:
+        totals = torch.tensor([window.loss_sum(), window.steps, window.samples], dtype=torch.float64)
+        dist.all_reduce(totals)
+        seconds = time.perf_counter() - window.started
+        samples_per_s = totals[2].item() / seconds
+        values = {
+            "loss": totals[0].item() / max(1.0, totals[1].item()),
+            "lr": self.engine.get_lr()[0],
+            "samples_per_s": samples_per_s,
+            "samples_per_s_per_rank": samples_per_s / self.info.world_size,
+        }
+        mfu = self.flops.mfu(window.steps / seconds)
+        if mfu is not None:
+            values["mfu"] = mfu
+        values["skipped_samples"] = float(sum(self.train_stream.skipped.values()))
+        self.metrics.log(self.step, "train", values)
+        return values
+
+    def log_eval(self, values: dict[str, float]) -> None:
+        self.metrics.log(self.step, "eval", values)
+        if self.info.is_main:
+            shown = ", ".join(
+                f"{k}={v:.4f}"
+                for k, v in values.items()
+                if k in ("auc", "gauc", "qauc", "cold_auc", "logloss")
+            )
+            log.info("step %d eval: %s", self.step, shown)
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+class Window:
+    """Loss and throughput since the last log line."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []  # kept as tensors: an .item() per step would sync the GPU
+        self.samples = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.losses.append(loss)
+        self.samples += samples
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+    def loss_sum(self) -> float:
+        return float(torch.stack(self.losses).sum().item()) if self.losses else 0.0

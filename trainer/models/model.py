@@ -1,0 +1,131 @@
+"""The whole ranking model as plain modules: SparseArch (ID tables) + DenseArch (content towers, fusion, ranker).
+
+Nothing here knows about distribution: embeddings/sharding.py shards `LemurModel.sparse` with DMP and
+trainer/engine.py wraps `LemurModel.dense` with DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from embeddings.tables import SparseArch, TablePlan
+from trainer.config.schema import Config
+from trainer.data.batch import Batch
+from trainer.data.spec import DatasetSpec
+from trainer.models.fusion import ContentEncoder, QueryEncoder
+from trainer.models.ranker import build_ranker
+
+
+@dataclass
+class Embedded:
+    """What the sparse arch hands to the dense arch (plain tensors)."""
+
+    pooled: torch.Tensor  # [B, F * D]
+    target: torch.Tensor  # [B, D] the target item's id embedding
+    histories: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> ([B, L, D], mask [B, L] bool)
+
+
+@dataclass
+class DenseOutput:
+    logits: torch.Tensor  # [B]
+    content: torch.Tensor | None  # [B, C] the target item's content vector
+    query: torch.Tensor | None  # [B, C] the query vector (search scenario)
+
+
+def padded(jt: JaggedTensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """JaggedTensor of [sum(lengths), D] embeddings -> ([B, max_len, D], mask), keeping the most recent max_len."""
+    lengths = jt.lengths().long()
+    values = jt.values()
+    batch = lengths.numel()
+    offsets = torch.zeros(batch + 1, dtype=torch.long, device=values.device)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    row = torch.repeat_interleave(
+        torch.arange(batch, device=values.device), lengths, output_size=values.shape[0]
+    )
+    position = torch.arange(values.shape[0], device=values.device) - offsets[row]
+    position = position - (lengths[row] - torch.clamp(lengths[row], max=max_len))  # keep the last max_len
+    keep = position >= 0
+    out = values.new_zeros(batch, max_len, values.shape[-1])
+    out[row[keep], position[keep]] = values[keep]
+    mask = torch.arange(max_len, device=values.device)[None, :] < torch.clamp(lengths, max=max_len)[:, None]
+    return out, mask
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(values.dtype).unsqueeze(-1)
+    return (values * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class DenseArch(nn.Module):
+    """Content towers + fusion (target item), query tower (search), dense features and the ranker."""
+
+    def __init__(
+        self, cfg: Config, spec: DatasetSpec, num_pooled: int, vocab_size: int, pad_token_id: int
+    ) -> None:
+        super().__init__()
+        model, dim = cfg.model, cfg.embeddings.dim
+        self.history_names = list(spec.history)
+        self.content = (
+            ContentEncoder(model, vocab_size, pad_token_id, cfg.data.image_size)
+            if model.use_content
+            else None
+        )
+        search = model.use_content and spec.query_text
+        self.query = QueryEncoder(model, vocab_size, pad_token_id) if search else None
+        self.dense_proj = nn.Linear(len(spec.dense), dim) if spec.dense else None
+        in_dim = (num_pooled + 1 + len(self.history_names) + (1 if spec.dense else 0)) * dim
+        if self.content is not None:
+            in_dim += model.content_dim
+        if self.query is not None:
+            in_dim += model.content_dim + 1
+        self.ranker = build_ranker(model, in_dim)
+
+    def forward(self, batch: Batch, embedded: Embedded) -> DenseOutput:
+        features = [embedded.pooled, embedded.target]
+        features += [masked_mean(*embedded.histories[name]) for name in self.history_names]
+        if self.dense_proj is not None:
+            features.append(self.dense_proj(batch.dense))
+        content = query = None
+        if self.content is not None:
+            content = self.content(batch.text, batch.images, batch.image_mask)
+            features.append(content)
+        if self.query is not None and batch.query is not None:
+            query = self.query(batch.query)
+            features += [query, F.cosine_similarity(query, content, dim=-1).unsqueeze(-1)]
+        return DenseOutput(self.ranker(torch.cat(features, dim=-1)), content, query)
+
+
+class LemurModel(nn.Module):
+    def __init__(self, sparse: SparseArch, dense: DenseArch, history_lengths: dict[str, int]) -> None:
+        super().__init__()
+        self.sparse = sparse
+        self.dense = dense
+        self.history_lengths = history_lengths
+
+    def embed(self, batch: Batch) -> Embedded:
+        pooled, sequences = self.sparse(batch.sparse, batch.sequences)
+        target, _ = padded(sequences["item_id"], 1)
+        histories = {name: padded(sequences[name], n) for name, n in self.history_lengths.items()}
+        return Embedded(pooled, target[:, 0], histories)
+
+    def forward(self, batch: Batch) -> DenseOutput:
+        """Single-process reference path (no DMP, no DeepSpeed): embed, then the dense arch."""
+        return self.dense(batch, self.embed(batch))
+
+
+def build_model(
+    cfg: Config,
+    spec: DatasetSpec,
+    plan: TablePlan,
+    vocab_size: int,
+    pad_token_id: int,
+    sparse_device: str = "meta",
+) -> LemurModel:
+    sparse = SparseArch(plan, device=sparse_device)
+    dense = DenseArch(cfg, spec, len(plan.pooled_features), vocab_size, pad_token_id)
+    return LemurModel(sparse, dense, dict(spec.history))

@@ -1,0 +1,228 @@
+"""Single-modal encoders: a BERT-style text tower (LEMUR's query and doc transformers) and a ViT vision tower.
+
+Both wrap a Hugging Face encoder, built from a TowerConfig with random init or loaded from a local directory; nothing is
+ever downloaded. They know nothing of distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from operator import attrgetter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModel, BertConfig, BertModel, PreTrainedModel, ViTConfig, ViTModel
+
+from trainer.config.schema import TowerConfig
+
+if TYPE_CHECKING:
+    from trainer.data.batch import Tokens  # torchrec-heavy import; only the annotations need it
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LAYER_PATHS = ("encoder.layer", "encoder.layers", "layers")
+"""Where the stack of blocks lives; it moved between transformers releases (ViT: encoder.layer -> layers)."""
+ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
+"""Checkpoints whose position ids start after the pad id (EM3 uses a RoBERTa text encoder)."""
+
+
+@dataclass
+class Encoded:
+    tokens: Tensor
+    """[B, L, H] hidden states."""
+    mask: Tensor
+    """[B, L] bool, True = real token."""
+    pooled: Tensor
+    """[B, H]."""
+
+
+def freeze_all_but_top(encoder_layers: nn.ModuleList, embeddings: nn.Module, top: int) -> None:
+    """-1: everything trains; k >= 0: the embeddings and all but the top k layers get requires_grad False.
+
+    Frozen bottoms build no autograd graph, which is where EM3's frozen single-modal encoders save their memory.
+    """
+    frozen = 0 if top < 0 else max(len(encoder_layers) - top, 0)
+    embeddings.requires_grad_(top < 0)
+    for i, layer in enumerate(encoder_layers):
+        layer.requires_grad_(i >= frozen)
+
+
+def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    for path in LAYER_PATHS:
+        try:
+            layers = attrgetter(path)(model)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise TypeError(f"{type(model).__name__}: no block list at any of {LAYER_PATHS}")
+
+
+def with_attention(make: Callable[[str], PreTrainedModel]) -> PreTrainedModel:
+    """SDPA where the model and this transformers release support it, else eager attention."""
+    try:
+        return make("sdpa")
+    except (ValueError, ImportError):
+        return make("eager")
+
+
+def load_pretrained(path: str) -> PreTrainedModel:
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"pretrained tower: {path!r} is not a local directory")
+    model = with_attention(
+        lambda attn: AutoModel.from_pretrained(path, local_files_only=True, attn_implementation=attn)
+    )
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # unused: a parameter without gradient stalls DDP and ZeRO reductions
+    return model
+
+
+def resize_token_types(embeddings: nn.Module, num_fields: int) -> None:
+    """Grow the segment embedding to one row per field; new rows start as copies of row 0 (the checkpoint's only
+    segment for RoBERTa-style models), so a loaded encoder sees unchanged inputs at the first step."""
+    old: nn.Embedding = embeddings.token_type_embeddings
+    if old.num_embeddings >= num_fields:
+        return
+    new = nn.Embedding(num_fields, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight[: old.num_embeddings] = old.weight
+        new.weight[old.num_embeddings :] = old.weight[0]
+    embeddings.token_type_embeddings = new
+
+
+class TextTower(nn.Module):
+    """BERT-style encoder over one or more text fields concatenated in order (each already '[CLS] .. [SEP]'), with a
+    token-type (segment) embedding per field added to position embeddings (LEMUR's doc transformer); pooled = the
+    hidden state at position 0 (the first field's CLS).
+
+    Positions count real tokens only, so the padding inside each field's budget changes no output.
+    """
+
+    def __init__(
+        self, cfg: TowerConfig, vocab_size: int, num_fields: int, max_tokens: int, pad_token_id: int
+    ) -> None:
+        super().__init__()
+        self.encoder = self.build(cfg, vocab_size, num_fields, max_tokens, pad_token_id)
+        config = self.encoder.config
+        self.hidden_size: int = config.hidden_size
+        self.heads: int = config.num_attention_heads
+        self.position_offset = config.pad_token_id + 1 if config.model_type in ROBERTA_TYPES else 0
+        if config.max_position_embeddings < max_tokens + self.position_offset:
+            raise ValueError(
+                f"text tower: {max_tokens} tokens need more than the checkpoint's "
+                f"{config.max_position_embeddings} position embeddings"
+            )
+        if self.encoder.get_input_embeddings().num_embeddings < vocab_size:
+            self.encoder.resize_token_embeddings(vocab_size)
+        resize_token_types(self.encoder.embeddings, num_fields)
+        freeze_all_but_top(encoder_layers(self.encoder), self.encoder.embeddings, cfg.trainable_top_layers)
+
+    @staticmethod
+    def build(
+        cfg: TowerConfig, vocab_size: int, num_fields: int, max_tokens: int, pad_token_id: int
+    ) -> PreTrainedModel:
+        if cfg.pretrained:
+            return load_pretrained(cfg.pretrained)
+
+        def make(attn: str) -> BertModel:
+            config = BertConfig(
+                vocab_size=vocab_size,
+                hidden_size=cfg.hidden,
+                num_hidden_layers=cfg.layers,
+                num_attention_heads=cfg.heads,
+                intermediate_size=4 * cfg.hidden,
+                max_position_embeddings=max_tokens,
+                type_vocab_size=num_fields,
+                pad_token_id=pad_token_id,
+                attn_implementation=attn,
+            )
+            return BertModel(config, add_pooling_layer=False)
+
+        return with_attention(make)
+
+    def forward(self, fields: list[Tokens]) -> Encoded:
+        ids = torch.cat([f.input_ids for f in fields], dim=1)
+        mask = torch.cat([f.attention_mask for f in fields], dim=1)
+        token_types = torch.cat(
+            [torch.full_like(f.input_ids, i) for i, f in enumerate(fields)],
+            dim=1,
+        )
+        positions = (mask.cumsum(1) - 1).clamp(min=0) + self.position_offset
+        out = self.encoder(
+            input_ids=ids, attention_mask=mask, token_type_ids=token_types, position_ids=positions
+        )
+        tokens = out.last_hidden_state
+        return Encoded(tokens=tokens, mask=mask.bool(), pooled=tokens[:, 0])
+
+
+class VisionTower(nn.Module):
+    """ViT over each of the N images (uint8, normalised inside with ImageNet mean/std); tokens of all images
+    concatenated; pooled = masked mean of the images' CLS states (zeros where a sample has no image).
+
+    Missing images (zeros) still run through the ViT: the graph stays the same every step, so every parameter gets a
+    gradient (DDP / ZeRO need that) and shapes stay static.
+    """
+
+    def __init__(self, cfg: TowerConfig, image_size: int, patch_size: int) -> None:
+        super().__init__()
+        self.encoder = self.build(cfg, image_size, patch_size)
+        config = self.encoder.config
+        self.hidden_size: int = config.hidden_size
+        self.interpolate = config.image_size != image_size
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        top = cfg.trainable_top_layers
+        freeze_all_but_top(encoder_layers(self.encoder), self.encoder.embeddings, top)
+        if hasattr(self.encoder, "layernorm"):
+            self.encoder.layernorm.requires_grad_(top != 0)  # the final norm belongs to the top layer
+
+    @staticmethod
+    def build(cfg: TowerConfig, image_size: int, patch_size: int) -> PreTrainedModel:
+        if cfg.pretrained:
+            return load_pretrained(cfg.pretrained)
+
+        def make(attn: str) -> ViTModel:
+            config = ViTConfig(
+                image_size=image_size,
+                patch_size=patch_size,
+                hidden_size=cfg.hidden,
+                num_hidden_layers=cfg.layers,
+                num_attention_heads=cfg.heads,
+                intermediate_size=4 * cfg.hidden,
+                attn_implementation=attn,
+            )
+            return ViTModel(config, add_pooling_layer=False)
+
+        return with_attention(make)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.embeddings.patch_embeddings.projection.weight.dtype
+
+    def forward(self, images: Tensor, image_mask: Tensor) -> Encoded:
+        b, n = image_mask.shape
+        if n == 0:
+            return self.empty(b, images.device)
+        pixels = ((images.flatten(0, 1).float() - self.mean) / self.std).to(self.dtype)
+        states = self.encoder(
+            pixel_values=pixels, interpolate_pos_encoding=self.interpolate
+        ).last_hidden_state
+        per_image = states.shape[1]
+        states = states.view(b, n, per_image, self.hidden_size)
+        weights = image_mask.to(states.dtype).unsqueeze(-1)
+        pooled = (states[:, :, 0] * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return Encoded(
+            tokens=states.flatten(1, 2),
+            mask=image_mask.repeat_interleave(per_image, dim=1),
+            pooled=pooled,
+        )
+
+    def empty(self, batch: int, device: torch.device) -> Encoded:
+        return Encoded(
+            tokens=torch.zeros(batch, 0, self.hidden_size, device=device, dtype=self.dtype),
+            mask=torch.zeros(batch, 0, dtype=torch.bool, device=device),
+            pooled=torch.zeros(batch, self.hidden_size, device=device, dtype=self.dtype),
+        )
