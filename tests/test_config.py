@@ -54,6 +54,8 @@ def test_overrides_are_typed() -> None:
         ("nope.x=1", "no section 'nope'"),
         ("data=1", "is a section"),
         ("data.batch_size", "expected key=value"),
+        ('embeddings.sharding_types=["data_parallel"]', "data_parallel is refused: DDP is off"),
+        ("training.grad_accum=2", "training.grad_accum: must be 1: fused sparse optimizers"),
     ],
 )
 def test_errors_name_the_field(override: str, message: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -108,12 +109,10 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg.training
         batches = iter(self.train_stream)
-        bar = tqdm(
-            total=cfg.steps,
-            initial=self.step,
-            disable=not (self.info.is_main and self.cfg.logging.progress_bar),
-            desc="train",
-        )
+        show = self.info.is_main and self.cfg.logging.progress_bar
+        # Redrawn often on a terminal; in a log file a line every 30 s is plenty.
+        interval = 0.5 if sys.stderr.isatty() else 30.0
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not show, desc="train", mininterval=interval)
         window = Window()
         history: list[float] = []
         results: dict[str, Any] = {}
@@ -141,7 +140,9 @@ class Trainer:
         return results
 
     def log_train(self, window: Window) -> dict[str, float]:
-        totals = torch.tensor([window.loss_sum(), window.steps, window.samples], dtype=torch.float64)
+        totals = torch.tensor(
+            [window.loss_sum(), window.steps, window.samples], dtype=torch.float64, device=self.info.device
+        )
         dist.all_reduce(totals)
         seconds = time.perf_counter() - window.started
         samples_per_s = totals[2].item() / seconds

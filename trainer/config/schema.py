@@ -226,8 +226,15 @@ class EmbeddingsConfig:
         check(self.hash_size > 0, f"{p}.hash_size", "must be > 0")
         check(all(v > 0 for v in self.hash_sizes.values()), f"{p}.hash_sizes", "sizes must be > 0")
         allowed = {"table_wise", "row_wise", "column_wise", "table_column_wise", "table_row_wise"}
+        check(
+            "data_parallel" not in self.sharding_types,
+            f"{p}.sharding_types",
+            "data_parallel is refused: DDP is off (DeepSpeed owns the dense part), so nothing would all-reduce "
+            "a data-parallel table's gradients",
+        )
         bad = [t for t in self.sharding_types if t not in allowed]
-        check(not bad, f"{p}.sharding_types", f"unknown or refused {bad}; allowed: {sorted(allowed)}")
+        check(not bad, f"{p}.sharding_types", f"unknown {bad}; allowed: {sorted(allowed)}")
+        check(bool(self.sharding_types), f"{p}.sharding_types", "needs at least one sharding type")
         check(
             self.compute_kernel in ("fused", "fused_uvm_caching", "fused_uvm"),
             f"{p}.compute_kernel",

@@ -15,6 +15,7 @@ it had consumed (no decoding), and workers are rotated so the next batch comes f
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.config.schema import Config
@@ -187,6 +189,16 @@ def chunks(stream: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
+def _worker_gc(worker_id: int) -> None:
+    """Garbage collection in a DataLoader worker, which only reads. The objects forked from the training process
+    (torch, the tokenizer: hundreds of thousands) are frozen out of the collector's sight, so full collections stop
+    walking them (and stop un-sharing their memory pages); young objects are collected less often, since every
+    sample brings large, short-lived id lists that each collection walks. Cycles are still collected. Together
+    this saves about a tenth of a worker's time on long histories."""
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 100)
+
+
 class BatchStream:
     """A rank's batches across epochs, with a resumable position. Iterating continues where the last batch left off."""
 
@@ -247,6 +259,10 @@ class BatchStream:
             persistent_workers=False,
             prefetch_factor=4 if workers else None,
             multiprocessing_context="fork" if workers else None,
+            worker_init_fn=_worker_gc if workers else None,
+            # Its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG,
+            # which would shift dropout masks after every epoch boundary and after a resume.
+            generator=torch.Generator().manual_seed(ds.settings.seed),
         )
         for batch in loader:
             self.batches += 1

@@ -132,7 +132,7 @@ class ContentRenderer:
         primary, secondary = v.topic_words[w.item_topic[item]], v.topic_words[w.item_topic2[item]]
         title = v.words(rng, int(rng.integers(3, 7)), [(0.7, primary), (0.3, v.generic)])
         quality = w.item_quality[item]
-        if abs(quality) > 1.0:
+        if abs(quality) > 0.6:
             title.insert(
                 int(rng.integers(len(title) + 1)), str(rng.choice(GOOD_WORDS if quality > 0 else BAD_WORDS))
             )

@@ -185,7 +185,7 @@ def click_logit(
 ) -> np.ndarray:
     """Click logit of showing `items` to `user` (for `query_topic` in search). Calibrated to a CTR near 0.2."""
     interest = world.item_latent[items] @ world.user_latent[user]
-    logit = -2.6 + 2.5 * interest + 0.35 * world.item_quality[items] + world.user_bias[user]
+    logit = -2.6 + 2.5 * interest + 0.8 * world.item_quality[items] + world.user_bias[user]
     logit = logit + 0.15 * np.log(world.item_popularity[items] * world.num_items)
     if query_topic is not None:
         logit = logit + 2.0 * (world.item_latent[items] @ world.topic_vectors[query_topic])
