@@ -22,7 +22,8 @@ $(STAMP): setup.py requirements-cpu.txt
 
 demo: install
 	$(BIN)/lemur data synth --preset tiny --out $(DEMO_OUT)/data --force
-	$(BIN)/lemur data inspect $(DEMO_OUT)/data --samples 2
+	$(BIN)/lemur data inspect $(DEMO_OUT)/data --samples 1
+	$(BIN)/python -m trainer.demo --out $(DEMO_OUT)
 
 test: install
 	$(BIN)/python -m pytest -q tests
