@@ -11,15 +11,14 @@ import io
 import json
 import math
 import sys
-import tarfile
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from trainer.data.decode import BadSample, RawSample, SkipCounter, tar_samples
 from trainer.data.spec import ID_FIELDS, IMAGE_EXTS, DatasetSpec, read_spec
 
 HISTORY_BUCKETS: tuple[tuple[str, int, int], ...] = (
@@ -46,48 +45,6 @@ PROBLEMS_SHOWN = 20
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-
-
-@dataclass
-class RawSample:
-    """The members of one key of a shard, undecoded: {ext: bytes}, e.g. {"json": ..., "jpg": ..., "1.jpg": ...}."""
-
-    key: str
-    members: dict[str, bytes]
-
-
-def iter_shard_samples(path: Path) -> Iterator[RawSample]:
-    """Stream a tar, grouping consecutive members by key (the member name up to its first '.')."""
-    current: RawSample | None = None
-    with tarfile.open(path, mode="r|*") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, ext = split_member_name(info.name)
-            if current is not None and key != current.key:
-                yield current
-                current = None
-            if current is None:
-                current = RawSample(key, {})
-            payload = tar.extractfile(info)
-            current.members[ext] = payload.read() if payload is not None else b""
-        if current is not None:
-            yield current
-        check_end_of_archive(tar, path)
-
-
-def check_end_of_archive(tar: tarfile.TarFile, path: Path) -> None:
-    """tarfile stops quietly at a header cut short; a plain tar must end with two zero blocks after it."""
-    if getattr(tar.fileobj, "comptype", None) != "tar":
-        return  # compressed: sizes are not comparable, and the decompressor reports truncation itself
-    if path.stat().st_size - tar.offset < 2 * tarfile.BLOCKSIZE:
-        raise tarfile.ReadError(f"archive cut short at byte {path.stat().st_size} (no end-of-archive blocks)")
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext
 
 
 def member_kind(ext: str) -> str:
@@ -255,10 +212,12 @@ class DatasetScan:
         stats.shards += 1
         before = stats.samples
         try:
-            for raw in iter_shard_samples(path):
+            for raw in tar_samples(str(path), SkipCounter(policy="error")):
                 self.add_sample(stats, path.name, raw)
-        except (tarfile.TarError, OSError, EOFError) as err:
-            self.problems.append(Problem(path.name, "", "", f"unreadable tar ({err}); rest of shard skipped"))
+        except BadSample as err:  # the reader's own tar stage: a corrupt or cut-short tar stops the shard
+            self.problems.append(
+                Problem(path.name, "", "", f"unreadable tar ({err.detail}); rest of shard skipped")
+            )
         return stats.samples - before
 
     def add_sample(self, stats: SplitStats, shard: str, raw: RawSample) -> None:
