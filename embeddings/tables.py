@@ -112,4 +112,7 @@ class SparseArch(nn.Module):
         feature, its JaggedTensor of embeddings."""
         pooled_out = self.ebc(hash_kjt(pooled, self.rows))
         sequence_out = self.ec(hash_kjt(sequences, self.rows))
-        return pooled_out.values(), {k: sequence_out[k] for k in self.sequence_features}
+        # By name, never .values(): a sharded collection returns its features grouped by the sharding plan, so
+        # the column order would change with the plan (and the number of ranks).
+        pooled_cat = torch.cat([pooled_out[f] for f in self.pooled_features], dim=1)
+        return pooled_cat, {k: sequence_out[k] for k in self.sequence_features}

@@ -108,6 +108,17 @@ def test_loss_falls_and_eval_export_work(small_dataset: Path, tmp_path: Path) ->
     assert (out / "config.toml").is_file() and (out / "checkpoints" / "latest").is_file()
 
     ctx = mp.get_context("spawn")
+    # Scoring the checkpoint in ONE process (other sharding plan, tables resharded by DCP) gives the numbers the
+    # two training processes logged.
+    scores = tmp_path / "eval.json"
+    p = ctx.Process(target=_cli, args=(["eval", "--config", str(out / "config.toml"), "--json"], scores))
+    p.start()
+    p.join(300)
+    assert p.exitcode == 0
+    single = json.loads(scores.read_text())
+    for key in ("auc", "gauc", "qauc", "cold_auc", "samples"):
+        assert single[key] == pytest.approx(evals[60][key], abs=1e-4), key
+
     export = tmp_path / "items.parquet"
     p = ctx.Process(
         target=_cli, args=(["export", "--config", str(out / "config.toml"), "--out", str(export)],)
@@ -119,11 +130,15 @@ def test_loss_falls_and_eval_export_work(small_dataset: Path, tmp_path: Path) ->
     assert table.num_rows == 200 and table.schema.field("vector").type.list_size == 16
 
 
-def _cli(argv: list[str]) -> None:
+def _cli(argv: list[str], stdout: Path | None = None) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
+    import contextlib
+
     from trainer.cli import main
 
-    raise SystemExit(main(argv))
+    with open(stdout or os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        code = main(argv)
+    raise SystemExit(code)
 
 
 def test_kill_and_resume_gives_the_same_losses(small_dataset: Path, tmp_path: Path) -> None:

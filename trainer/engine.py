@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from typing import Any
 
-import deepspeed
 import torch
 from torch import nn
+
+# DeepSpeed's logger writes to stdout, and binds the stream when it is first imported: bind it to stderr, so stdout
+# carries only results (`lemur eval --json | jq`).
+with contextlib.redirect_stdout(sys.stderr):
+    import deepspeed
 
 from trainer.config.schema import Config
 
