@@ -22,6 +22,12 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str = "tiny") -> 
     )
 
 
+def _add_checkpoint_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", default="auto", help="'auto' (latest in logging.out_dir) or a directory"
+    )
+
+
 def _synth(args: argparse.Namespace) -> int:
     from trainer.data.synth.generate import synthesize
 
@@ -107,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="score a checkpoint on the eval shards: AUC, GAUC, QAUC, cold-start AUC"
     )
     _add_config_args(evaluate)
-    evaluate.add_argument(
-        "--checkpoint", default="auto", help="'auto' (latest in logging.out_dir) or a directory"
-    )
+    _add_checkpoint_arg(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate.set_defaults(func=_eval)
 
@@ -117,9 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write the item lookup table (item_id -> content vector) as parquet"
     )
     _add_config_args(export)
-    export.add_argument(
-        "--checkpoint", default="auto", help="'auto' (latest in logging.out_dir) or a directory"
-    )
+    _add_checkpoint_arg(export)
     export.add_argument("--out", required=True, help="parquet file to write")
     export.set_defaults(func=_export)
 
