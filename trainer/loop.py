@@ -19,6 +19,7 @@ from embeddings.sharding import describe_plan, shard_sparse
 from embeddings.tables import plan_tables
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, config_to_toml
+from trainer.contrastive import sqdc_loss
 from trainer.data.batch import Batch
 from trainer.data.reader import make_batch_stream
 from trainer.data.spec import read_spec
@@ -85,10 +86,27 @@ class Trainer:
         batch = batch.to(self.info.device, non_blocking=True)
         with self.flops.measure(self.step):
             out = self.forward(batch)
-            loss = bce_loss(out.logits, batch.labels[:, 0], batch.valid)
+            loss = self.loss(batch, out)
             self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
+
+    def loss(self, batch: Batch, out: DenseOutput) -> torch.Tensor:
+        """BCE, plus λ·SQDC between the query and the target item's content vector when configured."""
+        cfg = self.cfg.training
+        loss = bce_loss(out.logits, batch.labels[:, 0], batch.valid)
+        if cfg.sqdc_weight > 0 and out.query is not None and out.content is not None:
+            sqdc = sqdc_loss(
+                out.query,
+                out.content,
+                batch.labels[:, 0],
+                batch.query_id,
+                batch.valid,
+                cfg.sqdc_temperature,
+                cfg.sqdc_session_mask,
+            )
+            loss = loss + cfg.sqdc_weight * sqdc
+        return loss
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

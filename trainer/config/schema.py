@@ -168,6 +168,14 @@ class ModelConfig:
     """Fusion-Q-Former Transformer layers."""
     content_dim: int = 32
     """Size of the content (query and document) representation; LEMUR uses 128."""
+    history_encoder: str = "mean"
+    """How each user-history sequence becomes features: mean (pooled ID embeddings, the DLRM-style baseline) or
+    longer (LEMUR's LONGER-style target-attention decoder: a query token built from the other features
+    cross-attends over the history, no self-attention over it)."""
+    longer_layers: int = 1
+    """LONGER decoder layers (cross-attention + FFN each)."""
+    longer_heads: int = 2
+    """LONGER attention heads (must divide embeddings.dim)."""
     ranker: str = "rankmixer"
     """rankmixer or dlrm_mlp (the papers' baseline)."""
     ranker_tokens: int = 8
@@ -196,6 +204,12 @@ class ModelConfig:
         check(self.fusion_queries > 0, f"{p}.fusion_queries", "must be > 0")
         check(self.content_dim > 0, f"{p}.content_dim", "must be > 0")
         check(self.ranker in ("rankmixer", "dlrm_mlp"), f"{p}.ranker", "must be rankmixer or dlrm_mlp")
+        check(self.history_encoder in ("mean", "longer"), f"{p}.history_encoder", "must be mean or longer")
+        check(
+            self.longer_layers > 0 and self.longer_heads > 0,
+            f"{p}.longer_layers",
+            "layers and heads must be > 0",
+        )
         check(
             self.ranker_tokens > 0 and self.ranker_layers > 0, f"{p}.ranker_tokens", "tokens and layers > 0"
         )
@@ -325,6 +339,8 @@ class TrainingConfig:
     """λ of the SQDC loss (0: off)."""
     sqdc_temperature: float = 50.0
     """T of SQDC (LEMUR: 50)."""
+    sqdc_session_mask: bool = True
+    """SQDC never uses other samples of the same query as negatives; False = the plain in-batch contrastive loss."""
 
     def validate(self, p: str) -> None:
         check(self.steps > 0, f"{p}.steps", "must be > 0")

@@ -19,6 +19,7 @@ from trainer.data.batch import Batch
 from trainer.data.spec import DatasetSpec
 from trainer.models.fusion import ContentEncoder, QueryEncoder
 from trainer.models.ranker import build_ranker
+from trainer.models.sequence import LongerDecoder
 
 
 @dataclass
@@ -62,7 +63,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class DenseArch(nn.Module):
-    """Content towers + fusion (target item), query tower (search), dense features and the ranker."""
+    """Content towers + fusion (target item), query tower (search), dense features, history encoders and ranker."""
 
     def __init__(
         self, cfg: Config, spec: DatasetSpec, num_pooled: int, vocab_size: int, pad_token_id: int
@@ -78,26 +79,43 @@ class DenseArch(nn.Module):
         search = model.use_content and spec.query_text
         self.query = QueryEncoder(model, vocab_size, pad_token_id) if search else None
         self.dense_proj = nn.Linear(len(spec.dense), dim) if spec.dense else None
-        in_dim = (num_pooled + 1 + len(self.history_names) + (1 if spec.dense else 0)) * dim
+        context_dim = (num_pooled + 1 + (1 if spec.dense else 0)) * dim
         if self.content is not None:
-            in_dim += model.content_dim
+            context_dim += model.content_dim
         if self.query is not None:
-            in_dim += model.content_dim + 1
-        self.ranker = build_ranker(model, in_dim)
+            context_dim += model.content_dim + 1
+        self.decoders = None
+        if model.history_encoder == "longer":
+            # LONGER: a query token built from every other feature attends over each history (no self-attention).
+            self.query_token = nn.Linear(context_dim, dim)
+            self.decoders = nn.ModuleDict(
+                {
+                    name: LongerDecoder(dim, model.longer_heads, model.longer_layers)
+                    for name in self.history_names
+                }
+            )
+        self.ranker = build_ranker(model, context_dim + len(self.history_names) * dim)
 
     def forward(self, batch: Batch, embedded: Embedded) -> DenseOutput:
-        features = [embedded.pooled, embedded.target]
-        features += [masked_mean(*embedded.histories[name]) for name in self.history_names]
+        context = [embedded.pooled, embedded.target]
         if self.dense_proj is not None:
-            features.append(self.dense_proj(batch.dense))
+            context.append(self.dense_proj(batch.dense))
         content = query = None
         if self.content is not None:
             content = self.content(batch.text, batch.images, batch.image_mask)
-            features.append(content)
+            context.append(content)
         if self.query is not None and batch.query is not None:
             query = self.query(batch.query)
-            features += [query, F.cosine_similarity(query, content, dim=-1).unsqueeze(-1)]
-        return DenseOutput(self.ranker(torch.cat(features, dim=-1)), content, query)
+            context += [query, F.cosine_similarity(query, content, dim=-1).unsqueeze(-1)]
+        context_vector = torch.cat(context, dim=-1)
+        histories = [self.encode_history(name, embedded, context_vector) for name in self.history_names]
+        return DenseOutput(self.ranker(torch.cat([context_vector, *histories], dim=-1)), content, query)
+
+    def encode_history(self, name: str, embedded: Embedded, context: torch.Tensor) -> torch.Tensor:
+        tokens, mask = embedded.histories[name]
+        if self.decoders is None:
+            return masked_mean(tokens, mask)
+        return self.decoders[name](self.query_token(context), tokens, mask)
 
 
 class LemurModel(nn.Module):

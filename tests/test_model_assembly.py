@@ -1,0 +1,47 @@
+"""The whole model without distribution (the reference path): every history encoder and the SQDC term train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from embeddings.tables import plan_tables
+from tests.conftest import small_config
+from trainer.contrastive import sqdc_loss
+from trainer.data.reader import make_batch_stream
+from trainer.data.spec import read_spec
+from trainer.losses import bce_loss
+from trainer.models.model import build_model
+
+TINY = ["model.text_tower.hidden=32", "model.vision_tower.hidden=32", "model.patch_size=8", "embeddings.dim=8"]
+
+
+@pytest.mark.parametrize("encoder", ["mean", "longer"])
+def test_model_trains_with_each_history_encoder(small_dataset: Path, encoder: str) -> None:
+    torch.manual_seed(0)
+    cfg = small_config(small_dataset, *TINY, f"model.history_encoder={encoder}", "training.sqdc_weight=0.1")
+    spec = read_spec(small_dataset)
+    stream = make_batch_stream(cfg, "train", epochs=1)
+    tokenizer = stream.dataset.collator.tokenizer
+    model = build_model(cfg, spec, plan_tables(spec, cfg.embeddings), len(tokenizer), tokenizer.pad_token_id, "cpu")
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batches = list(stream)[:8]
+    losses = []
+    for _ in range(2):
+        for batch in batches:
+            out = model(batch)
+            assert out.logits.shape == (batch.size,) and torch.isfinite(out.logits).all()
+            labels = batch.labels[:, 0]
+            loss = bce_loss(out.logits, labels, batch.valid)
+            loss = loss + 0.1 * sqdc_loss(out.query, out.content, labels, batch.query_id, batch.valid, 50.0)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert sum(losses[-8:]) < sum(losses[:8])
+    if encoder == "longer":
+        assert model.dense.decoders is not None
+        assert all(p.grad is not None for p in model.dense.decoders.parameters())
+        assert model.dense.query_token.weight.grad is not None
