@@ -143,7 +143,7 @@ class Trainer:
             if self.step % self.cfg.logging.log_every == 0 or self.step == cfg.steps:
                 values = self.log_train(window)
                 history.append(values["loss"])
-                bar.set_postfix(loss=f"{values['loss']:.4f}")
+                bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
                 window = Window()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 self.log_eval(self.evaluate())
