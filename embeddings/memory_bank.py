@@ -408,7 +408,7 @@ class MemoryBank:
 
     def _make_visible(self, step: int) -> None:
         """Apply the queued writes of steps <= step - max_staleness, in issue order."""
-        limit = step - self.max_staleness
+        limit = step - self.max_staleness + 1
         ready = [p for p in self._pending if p.step <= limit]
         if ready:
             self._pending = [p for p in self._pending if p.step > limit]
