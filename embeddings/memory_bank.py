@@ -160,7 +160,9 @@ class MemoryBank:
         if capacity < 1 or dim < 1:
             raise ValueError(f"capacity and dim must be positive, got {capacity} and {dim}")
         if max_staleness < 1:
-            raise ValueError(f"max_staleness must be >= 1 (a read never sees its own step), got {max_staleness}")
+            raise ValueError(
+                f"max_staleness must be >= 1 (a read never sees its own step), got {max_staleness}"
+            )
         self.group = group
         self.rank, self.world_size = _world(group)
         self.rows_per_rank = -(-capacity // self.world_size)
@@ -320,10 +322,14 @@ class MemoryBank:
         for state in [states] if isinstance(states, Mapping) else states:
             if state["dim"] != self.dim:
                 raise ValueError(f"saved vectors have dim {state['dim']}, the bank {self.dim}")
-            ids = state["item_ids"].to(self.device)
-            mine = owner_of(ids, self.world_size) == self.rank
-            vectors = state["vectors"].to(self.device, self.dtype)[mine]
-            self._scatter(ids[mine], vectors, state["versions"].to(self.device)[mine], keep_newer=True)
+            ids = state["item_ids"]
+            mine = owner_of(ids, self.world_size) == self.rank  # filtered where the file was loaded
+            self._scatter(
+                ids[mine].to(self.device),
+                state["vectors"][mine].to(self.device, self.dtype),
+                state["versions"][mine].to(self.device),
+                keep_newer=True,
+            )
 
     def save(self, path: str | Path) -> None:
         """Write this rank's rows to ``path/bank-rank{rank:05d}.pt`` (rank 0 removes files of higher ranks left by
@@ -353,7 +359,9 @@ class MemoryBank:
 
     def _ids(self, item_ids: torch.Tensor) -> torch.Tensor:
         if item_ids.dim() != 1 or item_ids.dtype.is_floating_point:
-            raise ValueError(f"item ids must be a 1-D integer tensor, got {item_ids.dtype} {tuple(item_ids.shape)}")
+            raise ValueError(
+                f"item ids must be a 1-D integer tensor, got {item_ids.dtype} {tuple(item_ids.shape)}"
+            )
         return item_ids.to(self.device, torch.int64).contiguous()
 
     def _vectors(self, vectors: torch.Tensor, n: int) -> torch.Tensor:
@@ -408,7 +416,7 @@ class MemoryBank:
 
     def _make_visible(self, step: int) -> None:
         """Apply the queued writes of steps <= step - max_staleness, in issue order."""
-        limit = step - self.max_staleness + 1
+        limit = step - self.max_staleness
         ready = [p for p in self._pending if p.step <= limit]
         if ready:
             self._pending = [p for p in self._pending if p.step > limit]
@@ -475,7 +483,9 @@ class MemoryBank:
         vec_blocks = self._all_gather(_padded(vectors.detach(), longest, self._comm))
         device = vectors.device
         all_ids = torch.cat([b[:n] for b, n in zip(id_blocks, sizes)]).to(device)
-        parts = [vectors if r == self.rank else b[:n].to(device) for r, (b, n) in enumerate(zip(vec_blocks, sizes))]
+        parts = [
+            vectors if r == self.rank else b[:n].to(device) for r, (b, n) in enumerate(zip(vec_blocks, sizes))
+        ]
         return all_ids, torch.cat(parts)
 
     def _all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -523,5 +533,7 @@ def _load_states(files: list[Path], expected_world: int) -> Iterator[dict[str, A
     for f in files:
         state = torch.load(f, map_location="cpu", weights_only=True)
         if state["world_size"] != expected_world:
-            raise ValueError(f"{f} was saved by {state['world_size']} ranks, but {expected_world} files are present")
+            raise ValueError(
+                f"{f} was saved by {state['world_size']} ranks, but {expected_world} files are present"
+            )
         yield state

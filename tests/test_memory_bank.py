@@ -34,7 +34,9 @@ def latest(writes: Writes, max_step: float = math.inf) -> dict[int, torch.Tensor
     return ref
 
 
-def slots(writes: Writes, world: int, rows: int) -> tuple[dict[tuple[int, int], tuple[int, torch.Tensor]], int]:
+def slots(
+    writes: Writes, world: int, rows: int
+) -> tuple[dict[tuple[int, int], tuple[int, torch.Tensor]], int]:
     """Direct-mapped simulation, one entry at a time: slot (owner, row) -> (id, vector), and the evictions."""
     table: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
     evictions = 0
@@ -49,11 +51,17 @@ def slots(writes: Writes, world: int, rows: int) -> tuple[dict[tuple[int, int], 
 
 def expected_read(ref: dict[int, torch.Tensor], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     hit = torch.tensor([i in ref for i in ids.tolist()], dtype=torch.bool)
-    vectors = torch.stack([ref.get(i, torch.zeros(DIM)) for i in ids.tolist()]) if ids.numel() else torch.zeros(0, DIM)
+    vectors = (
+        torch.stack([ref.get(i, torch.zeros(DIM)) for i in ids.tolist()])
+        if ids.numel()
+        else torch.zeros(0, DIM)
+    )
     return vectors, hit
 
 
-def assert_read(got: tuple[torch.Tensor, torch.Tensor], ref: dict[int, torch.Tensor], ids: torch.Tensor) -> None:
+def assert_read(
+    got: tuple[torch.Tensor, torch.Tensor], ref: dict[int, torch.Tensor], ids: torch.Tensor
+) -> None:
     vectors, hit = expected_read(ref, ids)
     assert torch.equal(got[1], hit)
     assert torch.equal(got[0].float(), vectors)
@@ -126,7 +134,9 @@ def test_one_process_matches_the_dict() -> None:
     assert distinct_slots(torch.cat([w[1] for w in writes]), 1, BIG)
     bank = MemoryBank(BIG, DIM)
     write_all(bank, writes)
-    ids = torch.cat([torch.arange(0, 400), torch.tensor([7, 7, 399, 7])])  # 300..399 never written; duplicates
+    ids = torch.cat(
+        [torch.arange(0, 400), torch.tensor([7, 7, 399, 7])]
+    )  # 300..399 never written; duplicates
     got = bank.read(ids, step=6, dtype=torch.float32)
     assert got[0].dtype == torch.float32
     assert_read(got, latest(writes), ids)
@@ -337,6 +347,7 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     restored = MemoryBank(BIG, DIM)
     restored.load(tmp / "saved1")
     out["restored"] = restored.read(torch.arange(0, 400), step=100)
+    out["restored_filled"] = restored.stats()["filled"]
     warm = MemoryBank(BIG, DIM)
     n = 10 if rank == 0 else 3
     warm.warm_up(torch.arange(n) + 100 * rank, torch.ones(n, DIM), chunk=4)  # 3 chunks vs 1
@@ -370,9 +381,13 @@ def test_two_ranks_read_each_others_writes(two_ranks: tuple[Path, list[dict[str,
         assert (owner_of(stored, WORLD) == rank).all()
         assert torch.equal(row_of(stored, BIG // WORLD), rows)
     per_rank = [rank_writes(r) for r in range(WORLD)]
-    reversed_order = [(s, torch.cat([b[1], a[1]]), torch.cat([b[2], a[2]])) for (s, *_), a, b in zip(writes, *per_rank)]
+    reversed_order = [
+        (s, torch.cat([b[1], a[1]]), torch.cat([b[2], a[2]])) for (s, *_), a, b in zip(writes, *per_rank)
+    ]
     shared = torch.arange(*SHARED)
-    assert not torch.equal(expected_read(latest(reversed_order), shared)[0], results[0]["read"][0][-10:].float())
+    assert not torch.equal(
+        expected_read(latest(reversed_order), shared)[0], results[0]["read"][0][-10:].float()
+    )
 
 
 @pytest.mark.slow
@@ -429,6 +444,7 @@ def test_saved_by_one_restored_on_two(two_ranks: tuple[Path, list[dict[str, Any]
     _, results = two_ranks
     ids = torch.arange(0, 400)
     assert distinct_slots(ids, WORLD, BIG // WORLD)
-    for out in results:
+    saved = torch.tensor(sorted(latest(solo_writes())))
+    for rank, out in enumerate(results):
         assert_read(out["restored"], latest(solo_writes()), ids)
-
+        assert out["restored_filled"] == (owner_of(saved, WORLD) == rank).sum()  # only the rows it owns
