@@ -6,9 +6,11 @@ sequences ``read`` their items' vectors by id instead of re-encoding them, witho
 Layout
     Each rank holds ``rows_per_rank = ceil(capacity / world_size)`` rows: ``vectors`` [rows, D] (bf16 by default),
     ``item_id`` (int64), ``version`` (the step of the write that filled the row, int64) and ``filled`` (bool).
-    Item ``i`` lives on rank ``owner_of(i, world) = hash_ids(i, world)`` (the id mix of ``embeddings.tables``) at
-    row ``row_of(i, rows)``, a second mix of the id that does not correlate with the owner (a plain salt would:
-    the low bits of the two mixes would agree and half the rows would stay empty on two ranks).
+    Item ``i`` has a slot ``slot_of(i, capacity)`` in the whole bank (a double mix of the id with the hash of
+    ``embeddings.tables``), independent of the number of ranks; rank r holds the slots
+    [r * rows_per_rank, (r + 1) * rows_per_rank). So collisions, and what a checkpoint holds, are the same for any
+    number of processes, and a bank saved by N ranks loads into M ranks row for row (same capacity). The slot is a
+    mix of the id's first mix: one salted mix alone would correlate with ``hash_ids`` users elsewhere.
 
 Collision policy (a direct-mapped cache)
     Two ids that map to the same row share it: a write overwrites whatever the row holds, and a write that
@@ -66,15 +68,20 @@ WARM_UP_CHUNK = 1 << 16
 # ------------------------------------------------------------------------------------------------ placement
 
 
-def owner_of(item_ids: torch.Tensor, world_size: int) -> torch.Tensor:
-    """The rank that owns each id: ``hash_ids(id, world_size)``."""
-    return hash_ids(item_ids, world_size)
+def slot_of(item_ids: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Each id's slot in the whole bank, [0, capacity): the same whatever the number of ranks, so collisions (and
+    so what a checkpoint holds) do not depend on how many processes wrote it."""
+    return hash_ids(hash_ids(item_ids, MERSENNE_61) ^ ROW_SALT, capacity)
 
 
-def row_of(item_ids: torch.Tensor, rows_per_rank: int) -> torch.Tensor:
-    """The row of each id inside its owner: a second mix (of the first one's value, salted), independent of
-    the owner."""
-    return hash_ids(hash_ids(item_ids, MERSENNE_61) ^ ROW_SALT, rows_per_rank)
+def owner_of(item_ids: torch.Tensor, world_size: int, capacity: int) -> torch.Tensor:
+    """The rank that owns each id: ranks hold consecutive ranges of ceil(capacity / world_size) slots."""
+    return torch.div(slot_of(item_ids, capacity), -(-capacity // world_size), rounding_mode="floor")
+
+
+def row_of(item_ids: torch.Tensor, world_size: int, capacity: int) -> torch.Tensor:
+    """The row of each id inside its owner."""
+    return torch.remainder(slot_of(item_ids, capacity), -(-capacity // world_size))
 
 
 def coverage_of(hit: torch.Tensor, mask: torch.Tensor) -> float:
@@ -165,6 +172,7 @@ class MemoryBank:
             )
         self.group = group
         self.rank, self.world_size = _world(group)
+        self.capacity = capacity
         self.rows_per_rank = -(-capacity // self.world_size)
         self.dim = dim
         self.dtype = dtype
@@ -323,7 +331,9 @@ class MemoryBank:
             if state["dim"] != self.dim:
                 raise ValueError(f"saved vectors have dim {state['dim']}, the bank {self.dim}")
             ids = state["item_ids"]
-            mine = owner_of(ids, self.world_size) == self.rank  # filtered where the file was loaded
+            mine = (
+                owner_of(ids, self.world_size, self.capacity) == self.rank
+            )  # filtered where the file was loaded
             self._scatter(
                 ids[mine].to(self.device),
                 state["vectors"][mine].to(self.device, self.dtype),
@@ -373,7 +383,7 @@ class MemoryBank:
         """Group the request by owner and exchange split sizes (one host sync)."""
         if self.world_size == 1:
             return _Route(None, [ids.numel()], [ids.numel()])
-        owner = owner_of(ids, self.world_size)
+        owner = owner_of(ids, self.world_size, self.capacity)
         order = torch.argsort(owner, stable=True)
         send = torch.bincount(owner, minlength=self.world_size).to(self._comm)
         recv = torch.empty_like(send)
@@ -392,7 +402,7 @@ class MemoryBank:
 
     def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Owner side of a read: the rows' vectors (zeros on a miss) and whether the stored id is the one asked."""
-        rows = row_of(ids, self.rows_per_rank)
+        rows = row_of(ids, self.world_size, self.capacity)
         hit = self.filled[rows] & (self.item_id[rows] == ids)
         return self.vectors[rows].masked_fill_(~hit.unsqueeze(1), 0), hit
 
@@ -443,7 +453,7 @@ class MemoryBank:
         if keep_newer:
             by_version = torch.argsort(versions, stable=True)
             ids, vectors, versions = ids[by_version], vectors[by_version], versions[by_version]
-        rows = row_of(ids, self.rows_per_rank)
+        rows = row_of(ids, self.world_size, self.capacity)
         order = torch.argsort(rows, stable=True)
         rows, ids = rows[order], ids[order]
         last = _last_of_runs(rows)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from embeddings.memory_bank import MemoryBank, coverage_of, owner_of, row_of
+from embeddings.memory_bank import MemoryBank, coverage_of, owner_of, row_of, slot_of
 
 DIM = 8
 BIG = 1 << 20  # rows in all: the few hundred ids of a test never share a row (asserted where it matters)
@@ -41,7 +41,10 @@ def slots(
     table: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
     evictions = 0
     for _, ids, vectors in writes:
-        owners, places = owner_of(ids, world).tolist(), row_of(ids, rows).tolist()
+        owners, places = (
+            owner_of(ids, world, world * rows).tolist(),
+            row_of(ids, world, world * rows).tolist(),
+        )
         for i, v, o, r in zip(ids.tolist(), vectors, owners, places):
             if (o, r) in table and table[o, r][0] != i:
                 evictions += 1
@@ -69,7 +72,7 @@ def assert_read(
 
 def distinct_slots(ids: torch.Tensor, world: int, rows: int) -> bool:
     uniq = ids.unique()
-    keys = owner_of(uniq, world) * rows + row_of(uniq, rows)
+    keys = owner_of(uniq, world, world * rows) * rows + row_of(uniq, world, world * rows)
     return keys.unique().numel() == uniq.numel()
 
 
@@ -118,12 +121,15 @@ def write_all(bank: MemoryBank, writes: Writes) -> None:
 # ------------------------------------------------------------------------------------------- one process
 
 
-def test_placement_is_hash_ids_and_spreads_over_rows() -> None:
-    from embeddings.tables import hash_ids
-
+def test_placement_is_world_independent_and_spreads_over_rows() -> None:
     ids = torch.arange(200_000) << 20  # ids sharing their low bits
-    assert torch.equal(owner_of(ids, 4), hash_ids(ids, 4))
-    per_slot = torch.bincount(owner_of(ids, 4) * 1024 + row_of(ids, 1024), minlength=4 * 1024).double()
+    capacity = 4 * 1024
+    for world in (1, 2, 3, 4):
+        rows = -(-capacity // world)
+        assert torch.equal(
+            owner_of(ids, world, capacity) * rows + row_of(ids, world, capacity), slot_of(ids, capacity)
+        )
+    per_slot = torch.bincount(slot_of(ids, capacity), minlength=capacity).double()
     expected = ids.numel() / per_slot.numel()
     chi2_per_slot = ((per_slot - expected) ** 2 / expected).mean()
     assert chi2_per_slot < 1.2  # ~1 for uniform slots: the row does not correlate with the owner
@@ -255,7 +261,7 @@ def test_save_load_round_trip_and_newest_wins_on_collision(tmp_path: Path) -> No
     kept = {}  # per row of the small bank: the saved id of the highest version (the later one on ties)
     order = torch.argsort(state["versions"], stable=True)
     for i, v in zip(state["item_ids"][order].tolist(), state["vectors"][order].float()):
-        kept[int(row_of(torch.tensor([i]), 8))] = (i, v)
+        kept[int(row_of(torch.tensor([i]), 1, 8))] = (i, v)
     assert_read(small.read(ids, step=0), dict(kept.values()), ids)
 
 
@@ -374,12 +380,12 @@ def test_two_ranks_read_each_others_writes(two_ranks: tuple[Path, list[dict[str,
     assert distinct_slots(torch.cat([w[1] for w in writes]), WORLD, BIG // WORLD)
     for rank, out in enumerate(results):
         ids = read_ids(rank)
-        assert (owner_of(ids, WORLD) != rank).sum() > 50  # reads that cross ranks
+        assert (owner_of(ids, WORLD, BIG) != rank).sum() > 50  # reads that cross ranks
         assert_read(out["read"], latest(writes), ids)
         assert out["empty"][0].shape == (10 * (1 - rank), DIM)
         rows, stored = out["stored"]
-        assert (owner_of(stored, WORLD) == rank).all()
-        assert torch.equal(row_of(stored, BIG // WORLD), rows)
+        assert (owner_of(stored, WORLD, BIG) == rank).all()
+        assert torch.equal(row_of(stored, WORLD, BIG), rows)
     per_rank = [rank_writes(r) for r in range(WORLD)]
     reversed_order = [
         (s, torch.cat([b[1], a[1]]), torch.cat([b[2], a[2]])) for (s, *_), a, b in zip(writes, *per_rank)
@@ -393,7 +399,7 @@ def test_two_ranks_read_each_others_writes(two_ranks: tuple[Path, list[dict[str,
 @pytest.mark.slow
 def test_two_ranks_staleness_rule(two_ranks: tuple[Path, list[dict[str, Any]]]) -> None:
     _, results = two_ranks
-    assert (owner_of(late_ids(), WORLD) == 1).any() and (owner_of(late_ids(), WORLD) == 0).any()
+    assert (owner_of(late_ids(), WORLD, BIG) == 1).any() and (owner_of(late_ids(), WORLD, BIG) == 0).any()
     for out in results:
         assert not out["late_at_4"][1].any()
         assert out["late_at_5"][1].all() and (out["late_at_5"][0].float() == 9.0).all()
@@ -447,4 +453,4 @@ def test_saved_by_one_restored_on_two(two_ranks: tuple[Path, list[dict[str, Any]
     saved = torch.tensor(sorted(latest(solo_writes())))
     for rank, out in enumerate(results):
         assert_read(out["restored"], latest(solo_writes()), ids)
-        assert out["restored_filled"] == (owner_of(saved, WORLD) == rank).sum()  # only the rows it owns
+        assert out["restored_filled"] == (owner_of(saved, WORLD, BIG) == rank).sum()  # only the rows it owns

@@ -15,7 +15,12 @@ from trainer.data.spec import read_spec
 from trainer.losses import bce_loss
 from trainer.models.model import build_model
 
-TINY = ["model.text_tower.hidden=32", "model.vision_tower.hidden=32", "model.patch_size=8", "embeddings.dim=8"]
+TINY = [
+    "model.text_tower.hidden=32",
+    "model.vision_tower.hidden=32",
+    "model.patch_size=8",
+    "embeddings.dim=8",
+]
 
 
 @pytest.mark.parametrize("encoder", ["mean", "longer"])
@@ -25,7 +30,9 @@ def test_model_trains_with_each_history_encoder(small_dataset: Path, encoder: st
     spec = read_spec(small_dataset)
     stream = make_batch_stream(cfg, "train", epochs=1)
     tokenizer = stream.dataset.collator.tokenizer
-    model = build_model(cfg, spec, plan_tables(spec, cfg.embeddings), len(tokenizer), tokenizer.pad_token_id, "cpu")
+    model = build_model(
+        cfg, spec, plan_tables(spec, cfg.embeddings), len(tokenizer), tokenizer.pad_token_id, "cpu"
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     batches = list(stream)[:8]
     losses = []

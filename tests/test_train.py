@@ -141,8 +141,12 @@ def _cli(argv: list[str], stdout: Path | None = None) -> None:
     raise SystemExit(code)
 
 
-def test_kill_and_resume_gives_the_same_losses(small_dataset: Path, tmp_path: Path) -> None:
-    common = ["training.steps=30", "training.eval_every=0", "training.checkpoint_every=10"]
+BANK = ["memory_bank.enabled=true", "model.history_encoder=longer", "model.similarity_top_k=4"]
+
+
+@pytest.mark.parametrize("mode", [[], BANK], ids=["plain", "memory_bank"])
+def test_kill_and_resume_gives_the_same_losses(small_dataset: Path, tmp_path: Path, mode: list[str]) -> None:
+    common = ["training.steps=30", "training.eval_every=0", "training.checkpoint_every=10", *mode]
     reference = tmp_path / "reference"
     run(small_dataset, [*common, f'logging.out_dir="{reference}"'])
 
@@ -172,3 +176,24 @@ def test_id_only_baseline_and_one_process(small_dataset: Path, tmp_path: Path) -
         world_size=1,
     )
     assert metrics(out, "eval")[20]["samples"] == 360
+
+
+def test_memory_bank_fills_and_its_checkpoint_reshards(small_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bank"
+    run(small_dataset, [*BANK, "training.steps=30", "training.eval_every=0", f'logging.out_dir="{out}"'])
+    train = metrics(out, "train")
+    assert (
+        train[30]["bank_coverage_long"] > train[1]["bank_coverage_long"]
+        and train[30]["bank_coverage_long"] > 0.5
+    )
+    assert (out / "checkpoints" / "step-00000030" / "bank").is_dir()
+    scores = tmp_path / "eval.json"
+    p = mp.get_context("spawn").Process(
+        target=_cli, args=(["eval", "--config", str(out / "config.toml"), "--json"], scores)
+    )
+    p.start()
+    p.join(300)
+    assert p.exitcode == 0
+    single = json.loads(scores.read_text())  # one process: the bank's rows moved to their new owner
+    for key in ("auc", "cold_auc", "samples"):
+        assert single[key] == pytest.approx(metrics(out, "eval")[30][key], abs=1e-4), key

@@ -66,6 +66,8 @@ class Checkpointer:
         dist.barrier()
         dcp.save(self.sparse_state(), checkpoint_id=str(partial / "sparse"))
         t.engine.save_checkpoint(str(partial / "dense"), tag="dense")
+        if t.bank is not None:
+            t.bank.save(partial / "bank")
         torch.save(
             {
                 "step": step,
@@ -120,6 +122,10 @@ class Checkpointer:
         sparse = self.sparse_state() if not weights_only else {"model": t.model.sparse.state_dict()}
         dcp.load(sparse, checkpoint_id=str(path / "sparse"))
         t.model.sparse.load_state_dict(sparse["model"])
+        if (
+            t.bank is not None and (path / "bank").is_dir()
+        ):  # any number of ranks: rows go to their new owners
+            t.bank.load(path / "bank")
         if weights_only:
             t.engine.load_checkpoint(
                 str(path / "dense"), tag="dense", load_optimizer_states=False, load_lr_scheduler_states=False

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from embeddings.memory_bank import MemoryBank
 from embeddings.sharding import describe_plan, shard_sparse
 from embeddings.tables import plan_tables
 from trainer.checkpoint import Checkpointer
@@ -22,7 +23,7 @@ from trainer.config import Config, config_to_toml
 from trainer.contrastive import sqdc_loss
 from trainer.data.batch import Batch
 from trainer.data.reader import make_batch_stream
-from trainer.data.spec import read_spec
+from trainer.data.spec import DatasetSpec, read_spec
 from trainer.distributed import DistInfo
 from trainer.engine import wrap_dense
 from trainer.flops import FlopMeter
@@ -38,6 +39,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def build_bank(cfg: Config, spec: DatasetSpec, device: torch.device) -> MemoryBank:
+    capacity = cfg.memory_bank.capacity or 2 * max(
+        1, spec.cardinalities.get("item_id", spec.counts.get("items", 1))
+    )
+    dtype = torch.bfloat16 if cfg.memory_bank.dtype == "bfloat16" else torch.float32
+    return MemoryBank(
+        capacity,
+        cfg.model.content_dim,
+        dtype=dtype,
+        device=device,
+        max_staleness=cfg.memory_bank.max_staleness,
+    )
 
 
 class Trainer:
@@ -57,6 +72,12 @@ class Trainer:
         self.dmp = shard_sparse(model, model.sparse, cfg.embeddings, info.device, cfg.data.batch_size)
         self.model = self.dmp.module
         self.engine = wrap_dense(cfg, self.model.dense, info.world_size)
+        self.bank = (
+            build_bank(cfg, self.spec, info.device)
+            if cfg.memory_bank.enabled and cfg.model.use_content
+            else None
+        )
+        self.coverage: dict[str, torch.Tensor] = {}
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", self)
         self.metrics = MetricsLogger(self.out_dir, info.is_main, cfg.logging.tensorboard)
         self.flops = FlopMeter(info.device)
@@ -72,15 +93,39 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ steps
 
-    def forward(self, batch: Batch) -> DenseOutput:
+    def forward(self, batch: Batch, training: bool = True) -> DenseOutput:
         embedded = self.model.embed(batch)
         if self.dtype != torch.float32:
             embedded, batch = self.cast(embedded), replace(batch, dense=batch.dense.to(self.dtype))
-        return self.engine(batch, embedded)
+        content = None
+        if self.bank is not None:
+            content = self.model.dense.encode_content(batch)
+            embedded.history_content = self.bank_history(batch, embedded, content, join=training)
+        return self.engine(batch, embedded, content)
+
+    def bank_history(
+        self, batch: Batch, embedded: Embedded, content: torch.Tensor, join: bool
+    ) -> dict[str, torch.Tensor]:
+        """History content vectors: read from the bank by item id (no gradient); in training, entries whose item
+        was encoded in this step on any rank take the fresh vector (the dedup join)."""
+        assert self.bank is not None
+        out = {}
+        for name, ids in embedded.history_ids.items():
+            mask = embedded.histories[name][1]
+            vectors, hit = self.bank.read(ids[mask], self.step, dtype=self.dtype)
+            cached = vectors.new_zeros(*ids.shape, self.bank.dim)
+            cached[mask] = vectors
+            self.coverage[name] = hit.float().mean() if hit.numel() else torch.ones((), device=hit.device)
+            if join:
+                valid = batch.valid
+                cached = self.bank.dedup_join(ids, mask, cached, batch.item_id[valid], content[valid])
+            out[name] = cached.to(self.dtype)
+        return out
 
     def cast(self, embedded: Embedded) -> Embedded:
         histories = {k: (v.to(self.dtype), m) for k, (v, m) in embedded.histories.items()}
-        return Embedded(embedded.pooled.to(self.dtype), embedded.target.to(self.dtype), histories)
+        pooled, target = embedded.pooled.to(self.dtype), embedded.target.to(self.dtype)
+        return Embedded(pooled, target, histories, embedded.history_ids, embedded.history_content)
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         batch = batch.to(self.info.device, non_blocking=True)
@@ -89,6 +134,10 @@ class Trainer:
             loss = self.loss(batch, out)
             self.engine.backward(loss)
         self.engine.step()
+        if (
+            self.bank is not None and out.content is not None
+        ):  # this step's targets, for the next steps' reads
+            self.bank.write(batch.item_id[batch.valid], out.content[batch.valid].detach(), self.step)
         return loss.detach()
 
     def loss(self, batch: Batch, out: DenseOutput) -> torch.Tensor:
@@ -115,7 +164,7 @@ class Trainer:
         stream = make_batch_stream(self.cfg, "eval", self.info.rank, self.info.world_size)
         for batch in stream:
             batch = batch.to(self.info.device, non_blocking=True)
-            out = self.forward(batch)
+            out = self.forward(batch, training=False)
             accumulator.add(
                 out.logits.float(), batch.labels[:, 0], batch.user_id, batch.query_id, batch.cold, batch.valid
             )
@@ -174,6 +223,8 @@ class Trainer:
         if mfu is not None:
             values["mfu"] = mfu
         values["skipped_samples"] = float(sum(self.train_stream.skipped.values()))
+        for name, share in self.coverage.items():  # the last step's bank hit rate per history
+            values[f"bank_coverage_{name}"] = float(share)
         self.metrics.log(self.step, "train", values)
         return values
 

@@ -175,7 +175,10 @@ class ModelConfig:
     longer_layers: int = 1
     """LONGER decoder layers (cross-attention + FFN each)."""
     longer_heads: int = 2
-    """LONGER attention heads (must divide embeddings.dim)."""
+    """LONGER attention heads."""
+    similarity_top_k: int = 8
+    """LEMUR's similarity module (with the memory bank): cosines of the target's and the history's content
+    vectors, the most recent k in sequence order and the k largest, per history (0: off)."""
     ranker: str = "rankmixer"
     """rankmixer or dlrm_mlp (the papers' baseline)."""
     ranker_tokens: int = 8
@@ -267,18 +270,24 @@ class MemoryBankConfig:
     """LEMUR's bank of item content vectors, row-sharded across ranks."""
 
     enabled: bool = False
-    """Read history content vectors from the bank (else histories carry ID embeddings only)."""
+    """Read history content vectors from the bank (else histories carry ID embeddings only). Needs
+    model.use_content."""
+    capacity: int = 0
+    """Rows over all ranks (a direct-mapped cache: colliding ids evict each other); 0 = 2x the dataset's item
+    cardinality."""
     dtype: str = "bfloat16"
     """Storage dtype of the bank: bfloat16 or float32."""
     max_staleness: int = 1
     """Reads in step t see every write of steps <= t - max_staleness."""
     forward_share: float = 1.0
-    """Share p of samples whose target runs the encoder forward (the rest read the bank)."""
+    """Share p of samples whose target runs the encoder forward (the rest read the bank). Not implemented yet:
+    every target is encoded."""
     backward_share: float = 1.0
-    """Share q of samples whose encoder output receives gradient."""
+    """Share q of samples whose encoder output receives gradient. Not implemented yet: all do."""
 
     def validate(self, p: str) -> None:
         check(self.dtype in ("bfloat16", "float32"), f"{p}.dtype", "must be bfloat16 or float32")
+        check(self.capacity >= 0, f"{p}.capacity", "must be >= 0")
         check(self.max_staleness >= 1, f"{p}.max_staleness", "must be >= 1")
         check(0.0 < self.forward_share <= 1.0, f"{p}.forward_share", "must be in (0, 1]")
         check(

@@ -6,7 +6,7 @@ trainer/engine.py wraps `LemurModel.dense` with DeepSpeed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from trainer.data.batch import Batch
 from trainer.data.spec import DatasetSpec
 from trainer.models.fusion import ContentEncoder, QueryEncoder
 from trainer.models.ranker import build_ranker
-from trainer.models.sequence import LongerDecoder
+from trainer.models.sequence import LongerDecoder, similarity_features
 
 
 @dataclass
@@ -29,6 +29,8 @@ class Embedded:
     pooled: torch.Tensor  # [B, F * D]
     target: torch.Tensor  # [B, D] the target item's id embedding
     histories: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> ([B, L, D], mask [B, L] bool)
+    history_ids: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> raw item ids [B, L]
+    history_content: dict[str, torch.Tensor] | None = None  # name -> content vectors [B, L, C] (memory bank)
 
 
 @dataclass
@@ -39,7 +41,7 @@ class DenseOutput:
 
 
 def padded(jt: JaggedTensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """JaggedTensor of [sum(lengths), D] embeddings -> ([B, max_len, D], mask), keeping the most recent max_len."""
+    """JaggedTensor of [sum(lengths), ...] values -> ([B, max_len, ...], mask), keeping the most recent max_len."""
     lengths = jt.lengths().long()
     values = jt.values()
     batch = lengths.numel()
@@ -51,7 +53,7 @@ def padded(jt: JaggedTensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     position = torch.arange(values.shape[0], device=values.device) - offsets[row]
     position = position - (lengths[row] - torch.clamp(lengths[row], max=max_len))  # keep the last max_len
     keep = position >= 0
-    out = values.new_zeros(batch, max_len, values.shape[-1])
+    out = values.new_zeros(batch, max_len, *values.shape[1:])
     out[row[keep], position[keep]] = values[keep]
     mask = torch.arange(max_len, device=values.device)[None, :] < torch.clamp(lengths, max=max_len)[:, None]
     return out, mask
@@ -63,7 +65,10 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class DenseArch(nn.Module):
-    """Content towers + fusion (target item), query tower (search), dense features, history encoders and ranker."""
+    """Content towers + fusion (target item), query tower (search), dense features, history encoders and ranker.
+
+    With the memory bank, each history token is the item's ID embedding joined with its content vector from the
+    bank, and LEMUR's similarity module adds the cosines between the target and history content vectors."""
 
     def __init__(
         self, cfg: Config, spec: DatasetSpec, num_pooled: int, vocab_size: int, pad_token_id: int
@@ -84,38 +89,66 @@ class DenseArch(nn.Module):
             context_dim += model.content_dim
         if self.query is not None:
             context_dim += model.content_dim + 1
+        bank = cfg.memory_bank.enabled and model.use_content
+        self.history_content_dim = model.content_dim if bank else 0
+        self.similarity_top_k = model.similarity_top_k if bank else 0
+        token_dim = dim + self.history_content_dim
         self.decoders = None
         if model.history_encoder == "longer":
             # LONGER: a query token built from every other feature attends over each history (no self-attention).
             self.query_token = nn.Linear(context_dim, dim)
             self.decoders = nn.ModuleDict(
                 {
-                    name: LongerDecoder(dim, model.longer_heads, model.longer_layers)
+                    name: LongerDecoder(dim, model.longer_heads, model.longer_layers, history_dim=token_dim)
                     for name in self.history_names
                 }
             )
-        self.ranker = build_ranker(model, context_dim + len(self.history_names) * dim)
+        per_history = (dim if self.decoders is not None else token_dim) + 2 * self.similarity_top_k
+        self.ranker = build_ranker(model, context_dim + len(self.history_names) * per_history)
 
-    def forward(self, batch: Batch, embedded: Embedded) -> DenseOutput:
+    def encode_content(self, batch: Batch) -> torch.Tensor | None:
+        return self.content(batch.text, batch.images, batch.image_mask) if self.content is not None else None
+
+    def forward(self, batch: Batch, embedded: Embedded, content: torch.Tensor | None = None) -> DenseOutput:
+        """`content`: the target items' content vectors when the caller already encoded them (memory bank)."""
         context = [embedded.pooled, embedded.target]
         if self.dense_proj is not None:
             context.append(self.dense_proj(batch.dense))
-        content = query = None
-        if self.content is not None:
-            content = self.content(batch.text, batch.images, batch.image_mask)
+        if content is None:
+            content = self.encode_content(batch)
+        if content is not None:
             context.append(content)
+        query = None
         if self.query is not None and batch.query is not None:
             query = self.query(batch.query)
             context += [query, F.cosine_similarity(query, content, dim=-1).unsqueeze(-1)]
         context_vector = torch.cat(context, dim=-1)
-        histories = [self.encode_history(name, embedded, context_vector) for name in self.history_names]
+        histories = [
+            self.encode_history(name, embedded, context_vector, content) for name in self.history_names
+        ]
         return DenseOutput(self.ranker(torch.cat([context_vector, *histories], dim=-1)), content, query)
 
-    def encode_history(self, name: str, embedded: Embedded, context: torch.Tensor) -> torch.Tensor:
+    def encode_history(
+        self, name: str, embedded: Embedded, context: torch.Tensor, content: torch.Tensor | None
+    ) -> torch.Tensor:
         tokens, mask = embedded.histories[name]
+        extra = []
+        if self.history_content_dim:
+            vectors = self.history_content(name, embedded, tokens)
+            tokens = torch.cat([tokens, vectors], dim=-1)
+            if self.similarity_top_k:
+                extra.append(similarity_features(content, vectors, mask, self.similarity_top_k))
         if self.decoders is None:
-            return masked_mean(tokens, mask)
-        return self.decoders[name](self.query_token(context), tokens, mask)
+            encoded = masked_mean(tokens, mask)
+        else:
+            encoded = self.decoders[name](self.query_token(context), tokens, mask)
+        return torch.cat([encoded, *extra], dim=-1) if extra else encoded
+
+    def history_content(self, name: str, embedded: Embedded, tokens: torch.Tensor) -> torch.Tensor:
+        """The bank's vectors for the history; zeros where none were given (e.g. the single-process reference)."""
+        if embedded.history_content is None:
+            return tokens.new_zeros(*tokens.shape[:2], self.history_content_dim)
+        return embedded.history_content[name].to(tokens.dtype)
 
 
 class LemurModel(nn.Module):
@@ -129,7 +162,9 @@ class LemurModel(nn.Module):
         pooled, sequences = self.sparse(batch.sparse, batch.sequences)
         target, _ = padded(sequences["item_id"], 1)
         histories = {name: padded(sequences[name], n) for name, n in self.history_lengths.items()}
-        return Embedded(pooled, target[:, 0], histories)
+        raw = batch.sequences.to_dict()
+        history_ids = {name: padded(raw[name], n)[0] for name, n in self.history_lengths.items()}
+        return Embedded(pooled, target[:, 0], histories, history_ids)
 
     def forward(self, batch: Batch) -> DenseOutput:
         """Single-process reference path (no DMP, no DeepSpeed): embed, then the dense arch."""
