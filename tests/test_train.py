@@ -187,6 +187,8 @@ def test_memory_bank_fills_and_its_checkpoint_reshards(small_dataset: Path, tmp_
         and train[30]["bank_coverage_long"] > 0.5
     )
     assert (out / "checkpoints" / "step-00000030" / "bank").is_dir()
+    stale = [train[s]["bank_staleness_cosine"] for s in (10, 20, 30)]  # logged every 10 steps
+    assert all(-1.0 <= c <= 1.0 for c in stale) and train[30]["bank_target_hit"] > 0.5
     scores = tmp_path / "eval.json"
     p = mp.get_context("spawn").Process(
         target=_cli, args=(["eval", "--config", str(out / "config.toml"), "--json"], scores)

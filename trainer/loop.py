@@ -78,6 +78,7 @@ class Trainer:
             else None
         )
         self.coverage: dict[str, torch.Tensor] = {}
+        self.staleness: torch.Tensor | None = None
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", self)
         self.metrics = MetricsLogger(self.out_dir, info.is_main, cfg.logging.tensorboard)
         self.flops = FlopMeter(info.device)
@@ -137,8 +138,22 @@ class Trainer:
         if (
             self.bank is not None and out.content is not None
         ):  # this step's targets, for the next steps' reads
-            self.bank.write(batch.item_id[batch.valid], out.content[batch.valid].detach(), self.step)
+            fresh_ids, fresh = batch.item_id[batch.valid], out.content[batch.valid].detach()
+            if (self.step + 1) % self.cfg.logging.log_every == 0:
+                self.measure_staleness(fresh_ids, fresh)
+            self.bank.write(fresh_ids, fresh, self.step)
         return loss.detach()
+
+    def measure_staleness(self, ids: torch.Tensor, fresh: torch.Tensor) -> None:
+        """LEMUR's staleness check: cosine between the encoder's output for this step's targets and the vectors
+        the bank still holds for them (on the targets it holds), and the share it holds."""
+        assert self.bank is not None
+        cached, hit = self.bank.read(ids, self.step, dtype=torch.float32)
+        cosine = torch.nn.functional.cosine_similarity(cached[hit], fresh[hit].float(), dim=-1)
+        totals = torch.stack(
+            [cosine.sum(), hit.sum().float(), torch.tensor(float(hit.numel()), device=hit.device)]
+        )
+        self.staleness = totals.to(torch.float64)
 
     def loss(self, batch: Batch, out: DenseOutput) -> torch.Tensor:
         """BCE, plus λ·SQDC between the query and the target item's content vector when configured."""
@@ -225,6 +240,12 @@ class Trainer:
         values["skipped_samples"] = float(sum(self.train_stream.skipped.values()))
         for name, share in self.coverage.items():  # the last step's bank hit rate per history
             values[f"bank_coverage_{name}"] = float(share)
+        if self.staleness is not None:  # summed over ranks: cosine sum, targets held, targets
+            totals = self.staleness.to(self.info.device)
+            dist.all_reduce(totals)
+            values["bank_staleness_cosine"] = (totals[0] / totals[1].clamp(min=1)).item()
+            values["bank_target_hit"] = (totals[1] / totals[2].clamp(min=1)).item()
+            self.staleness = None
         self.metrics.log(self.step, "train", values)
         return values
 
