@@ -15,7 +15,9 @@ from trainer.train import setup_logging
 
 
 def _loaded(cfg: Config, checkpoint: str) -> Trainer:
-    trainer = Trainer(cfg, init_distributed(cfg.distributed.backend))
+    info = init_distributed(cfg.distributed.backend)
+    setup_logging(info.rank)
+    trainer = Trainer(cfg, info)
     path = trainer.checkpointer.resolve(checkpoint)
     if path is None:
         raise FileNotFoundError(f"no checkpoint under {trainer.checkpointer.root}")
@@ -28,7 +30,6 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     try:
         trainer = _loaded(cfg, checkpoint)
-        setup_logging(trainer.info.rank)
         results = trainer.evaluate()
         if trainer.info.is_main:
             print(json.dumps(results, indent=1) if as_json else format_metrics_table({name: results}))

@@ -6,6 +6,7 @@ rank 0 merges the parts into one file, written under a temporary name and rename
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,9 +24,15 @@ if TYPE_CHECKING:
 EXPORT_BATCH = 256
 
 
-def item_batches(items_path: Path, rank: int, world_size: int) -> list[dict]:
-    rows = pq.read_table(items_path).to_pylist()[rank::world_size]
-    return [rows[i : i + EXPORT_BATCH] for i in range(0, len(rows), EXPORT_BATCH)]
+def item_batches(items_path: Path, rank: int, world_size: int) -> Iterator[list[dict]]:
+    """This rank's rows of items.parquet (global row i goes to rank i % world_size), streamed in batches."""
+    start = 0
+    for record_batch in pq.ParquetFile(items_path).iter_batches(batch_size=EXPORT_BATCH * world_size):
+        rows = record_batch.to_pylist()
+        mine = rows[(rank - start) % world_size :: world_size]
+        start += len(rows)
+        if mine:
+            yield mine
 
 
 @torch.no_grad()

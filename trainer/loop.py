@@ -108,20 +108,25 @@ class Trainer:
         self, batch: Batch, embedded: Embedded, content: torch.Tensor, join: bool
     ) -> dict[str, torch.Tensor]:
         """History content vectors: read from the bank by item id (no gradient); in training, entries whose item
-        was encoded in this step on any rank take the fresh vector (the dedup join)."""
+        was encoded in this step on any rank take the fresh vector (the dedup join). All histories go through one
+        read and one join (each is a collective), side by side along the sequence axis."""
         assert self.bank is not None
-        out = {}
-        for name, ids in embedded.history_ids.items():
-            mask = embedded.histories[name][1]
-            vectors, hit = self.bank.read(ids[mask], self.step, dtype=self.dtype)
-            cached = vectors.new_zeros(*ids.shape, self.bank.dim)
-            cached[mask] = vectors
-            self.coverage[name] = hit.float().mean() if hit.numel() else torch.ones((), device=hit.device)
-            if join:
-                valid = batch.valid
-                cached = self.bank.dedup_join(ids, mask, cached, batch.item_id[valid], content[valid])
-            out[name] = cached.to(self.dtype)
-        return out
+        names = list(embedded.history_ids)
+        lengths = [embedded.history_ids[n].shape[1] for n in names]
+        ids = torch.cat([embedded.history_ids[n] for n in names], dim=1)
+        mask = torch.cat([embedded.histories[n][1] for n in names], dim=1)
+        vectors, hit = self.bank.read(ids[mask], self.step, dtype=self.dtype)
+        cached = vectors.new_zeros(*ids.shape, self.bank.dim)
+        cached[mask] = vectors
+        hits = torch.zeros_like(mask)
+        hits[mask] = hit
+        for name, hit_part, mask_part in zip(names, hits.split(lengths, 1), mask.split(lengths, 1)):
+            asked = mask_part.sum()
+            self.coverage[name] = torch.where(asked > 0, hit_part.sum() / asked.clamp(min=1), 1.0)
+        if join:
+            valid = batch.valid
+            cached = self.bank.dedup_join(ids, mask, cached, batch.item_id[valid], content[valid])
+        return {name: part.to(self.dtype) for name, part in zip(names, cached.split(lengths, 1))}
 
     def cast(self, embedded: Embedded) -> Embedded:
         histories = {k: (v.to(self.dtype), m) for k, (v, m) in embedded.histories.items()}
