@@ -76,7 +76,13 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint, as_json=args.json)
+    evaluate_checkpoint(
+        load_config(args.config, args.overrides),
+        args.checkpoint,
+        as_json=args.json,
+        from_bank=args.from_bank,
+        refresh_bank=args.refresh_bank,
+    )
     return 0
 
 
@@ -115,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(evaluate)
     _add_checkpoint_arg(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.add_argument(
+        "--from-bank",
+        action="store_true",
+        help="the serving path: read target and history content vectors from the memory bank only",
+    )
+    evaluate.add_argument(
+        "--refresh-bank",
+        action="store_true",
+        help="first re-encode every item of items.parquet into the bank (the serving lookup-table build)",
+    )
     evaluate.set_defaults(func=_eval)
 
     export = sub.add_parser(

@@ -26,11 +26,20 @@ def _loaded(cfg: Config, checkpoint: str) -> Trainer:
 
 
 def evaluate_checkpoint(
-    cfg: Config, checkpoint: str = "auto", as_json: bool = False, name: str = "model"
+    cfg: Config,
+    checkpoint: str = "auto",
+    as_json: bool = False,
+    name: str = "model",
+    from_bank: bool = False,
+    refresh_bank: bool = False,
 ) -> dict[str, Any]:
     try:
         trainer = _loaded(cfg, checkpoint)
-        results = trainer.evaluate()
+        if (from_bank or refresh_bank) and trainer.bank is None:
+            raise ValueError("--from-bank/--refresh-bank need memory_bank.enabled = true with mode = 'bank'")
+        if refresh_bank:
+            trainer.warm_up_bank()
+        results = trainer.evaluate(from_bank=from_bank)
         if trainer.info.is_main:
             print(json.dumps(results, indent=1) if as_json else format_metrics_table({name: results}))
         return results

@@ -20,8 +20,10 @@ from embeddings.sharding import describe_plan, shard_sparse
 from embeddings.tables import plan_tables
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, config_to_toml
+from trainer.content_source import EVAL, SERVE, TRAIN, BankContent, RecomputeContent, StepContent
 from trainer.contrastive import sqdc_loss
 from trainer.data.batch import Batch
+from trainer.data.items import load_catalog
 from trainer.data.reader import make_batch_stream
 from trainer.data.spec import DatasetSpec, read_spec
 from trainer.distributed import DistInfo
@@ -33,6 +35,10 @@ from trainer.metrics import EvalAccumulator
 from trainer.models.model import DenseOutput, Embedded, build_model
 
 log = logging.getLogger("lemur")
+WARM_UP_BATCH = 256
+CAPACITY_PER_ITEM = 8
+"""Default bank rows per known item: a direct-mapped cache at load factor a misses about a/2 of the items
+(1 - (1 - e^-a) / a): 6% at 1/8, 21% at 1/2."""
 
 
 def seed_everything(seed: int) -> None:
@@ -42,7 +48,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_bank(cfg: Config, spec: DatasetSpec, device: torch.device) -> MemoryBank:
-    capacity = cfg.memory_bank.capacity or 2 * max(
+    capacity = cfg.memory_bank.capacity or CAPACITY_PER_ITEM * max(
         1, spec.cardinalities.get("item_id", spec.counts.get("items", 1))
     )
     dtype = torch.bfloat16 if cfg.memory_bank.dtype == "bfloat16" else torch.float32
@@ -53,6 +59,13 @@ def build_bank(cfg: Config, spec: DatasetSpec, device: torch.device) -> MemoryBa
         device=device,
         max_staleness=cfg.memory_bank.max_staleness,
     )
+
+
+def bank_mode(cfg: Config) -> str | None:
+    """bank, recompute, or None (history tokens carry ID embeddings only)."""
+    if not (cfg.memory_bank.enabled and cfg.model.use_content):
+        return None
+    return cfg.memory_bank.mode
 
 
 class Trainer:
@@ -72,13 +85,8 @@ class Trainer:
         self.dmp = shard_sparse(model, model.sparse, cfg.embeddings, info.device, cfg.data.batch_size)
         self.model = self.dmp.module
         self.engine = wrap_dense(cfg, self.model.dense, info.world_size)
-        self.bank = (
-            build_bank(cfg, self.spec, info.device)
-            if cfg.memory_bank.enabled and cfg.model.use_content
-            else None
-        )
-        self.coverage: dict[str, torch.Tensor] = {}
-        self.staleness: torch.Tensor | None = None
+        self.bank = build_bank(cfg, self.spec, info.device) if bank_mode(cfg) == "bank" else None
+        self.content_source = self.build_content_source()
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", self)
         self.metrics = MetricsLogger(self.out_dir, info.is_main, cfg.logging.tensorboard)
         self.flops = FlopMeter(info.device)
@@ -94,39 +102,33 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ steps
 
-    def forward(self, batch: Batch, training: bool = True) -> DenseOutput:
+    def build_content_source(self) -> BankContent | RecomputeContent | None:
+        encoder = self.model.dense.content
+        mode = bank_mode(self.cfg)
+        if mode == "bank":
+            assert self.bank is not None
+            return BankContent(
+                self.cfg.memory_bank, self.bank, encoder, self.dtype, self.cfg.training.seed, self.info.rank
+            )
+        if mode == "recompute":
+            collator = self.train_stream.dataset.collator
+            catalog = load_catalog(Path(self.cfg.data.path) / "items.parquet", collator)
+            log.info("recompute mode: %d items in the catalog", len(catalog))
+            return RecomputeContent(catalog.to(self.info.device), encoder, self.dtype)
+        return None
+
+    def forward(self, batch: Batch, mode: str = TRAIN) -> tuple[DenseOutput, StepContent | None]:
+        """mode: train, eval (targets encoded, no dedup join) or serve (content from the bank only)."""
         embedded = self.model.embed(batch)
         if self.dtype != torch.float32:
             embedded, batch = self.cast(embedded), replace(batch, dense=batch.dense.to(self.dtype))
-        content = None
-        if self.bank is not None:
-            content = self.model.dense.encode_content(batch)
-            embedded.history_content = self.bank_history(batch, embedded, content, join=training)
-        return self.engine(batch, embedded, content)
-
-    def bank_history(
-        self, batch: Batch, embedded: Embedded, content: torch.Tensor, join: bool
-    ) -> dict[str, torch.Tensor]:
-        """History content vectors: read from the bank by item id (no gradient); in training, entries whose item
-        was encoded in this step on any rank take the fresh vector (the dedup join). All histories go through one
-        read and one join (each is a collective), side by side along the sequence axis."""
-        assert self.bank is not None
-        names = list(embedded.history_ids)
-        lengths = [embedded.history_ids[n].shape[1] for n in names]
-        ids = torch.cat([embedded.history_ids[n] for n in names], dim=1)
-        mask = torch.cat([embedded.histories[n][1] for n in names], dim=1)
-        vectors, hit = self.bank.read(ids[mask], self.step, dtype=self.dtype)
-        cached = vectors.new_zeros(*ids.shape, self.bank.dim)
-        cached[mask] = vectors
-        hits = torch.zeros_like(mask)
-        hits[mask] = hit
-        for name, hit_part, mask_part in zip(names, hits.split(lengths, 1), mask.split(lengths, 1)):
-            asked = mask_part.sum()
-            self.coverage[name] = torch.where(asked > 0, hit_part.sum() / asked.clamp(min=1), 1.0)
-        if join:
-            valid = batch.valid
-            cached = self.bank.dedup_join(ids, mask, cached, batch.item_id[valid], content[valid])
-        return {name: part.to(self.dtype) for name, part in zip(names, cached.split(lengths, 1))}
+        if self.content_source is None:
+            if mode == SERVE:
+                raise ValueError("scoring from the bank needs memory_bank.enabled with mode 'bank'")
+            return self.engine(batch, embedded), None
+        content = self.content_source.prepare(batch, embedded, self.step, mode)
+        embedded.history_content = content.histories
+        return self.engine(batch, embedded, content.target), content
 
     def cast(self, embedded: Embedded) -> Embedded:
         histories = {k: (v.to(self.dtype), m) for k, (v, m) in embedded.histories.items()}
@@ -136,29 +138,35 @@ class Trainer:
     def train_step(self, batch: Batch) -> torch.Tensor:
         batch = batch.to(self.info.device, non_blocking=True)
         with self.flops.measure(self.step):
-            out = self.forward(batch)
+            out, content = self.forward(batch)
             loss = self.loss(batch, out)
             self.engine.backward(loss)
         self.engine.step()
-        if (
-            self.bank is not None and out.content is not None
-        ):  # this step's targets, for the next steps' reads
-            fresh_ids, fresh = batch.item_id[batch.valid], out.content[batch.valid].detach()
-            if (self.step + 1) % self.cfg.logging.log_every == 0:
-                self.measure_staleness(fresh_ids, fresh)
-            self.bank.write(fresh_ids, fresh, self.step)
+        if content is not None:  # this step's fresh targets, for the next steps' reads
+            measure = (self.step + 1) % self.cfg.logging.log_every == 0
+            self.content_source.after_step(batch, content, self.step, measure)
         return loss.detach()
 
-    def measure_staleness(self, ids: torch.Tensor, fresh: torch.Tensor) -> None:
-        """LEMUR's staleness check: cosine between the encoder's output for this step's targets and the vectors
-        the bank still holds for them (on the targets it holds), and the share it holds."""
+    @torch.no_grad()
+    def warm_up_bank(self) -> None:
+        """Encode this rank's share of items.parquet (eval mode) into the bank; visible to every later read."""
         assert self.bank is not None
-        cached, hit = self.bank.read(ids, self.step, dtype=torch.float32)
-        cosine = torch.nn.functional.cosine_similarity(cached[hit], fresh[hit].float(), dim=-1)
-        totals = torch.stack(
-            [cosine.sum(), hit.sum().float(), torch.tensor(float(hit.numel()), device=hit.device)]
-        )
-        self.staleness = totals.to(torch.float64)
+        collator = self.train_stream.dataset.collator
+        catalog = load_catalog(
+            Path(self.cfg.data.path) / "items.parquet", collator, self.info.rank, self.info.world_size
+        ).to(self.info.device)
+        self.engine.eval()
+        vectors = [
+            self.model.dense.content(*catalog.inputs(rows)).to(self.bank.dtype)
+            for rows in torch.arange(len(catalog), device=self.info.device).split(WARM_UP_BATCH)
+        ]
+        self.engine.train()
+        if vectors:
+            self.bank.warm_up(catalog.item_ids, torch.cat(vectors), step=self.step)
+        else:
+            self.bank.warm_up(catalog.item_ids, torch.zeros(0, self.bank.dim), step=self.step)
+        stats = self.bank.stats(reduce=True)
+        log.info("bank warmed up from items.parquet: %d rows filled", stats["filled"])
 
     def loss(self, batch: Batch, out: DenseOutput) -> torch.Tensor:
         """BCE, plus λ·SQDC between the query and the target item's content vector when configured."""
@@ -178,13 +186,15 @@ class Trainer:
         return loss
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, from_bank: bool = False) -> dict[str, float]:
+        """Metrics on the eval split; `from_bank`: the serving path (content vectors read from the bank only,
+        the encoder does not run)."""
         self.engine.eval()
         accumulator = EvalAccumulator()
         stream = make_batch_stream(self.cfg, "eval", self.info.rank, self.info.world_size)
         for batch in stream:
             batch = batch.to(self.info.device, non_blocking=True)
-            out = self.forward(batch, training=False)
+            out, _ = self.forward(batch, SERVE if from_bank else EVAL)
             accumulator.add(
                 out.logits.float(), batch.labels[:, 0], batch.user_id, batch.query_id, batch.cold, batch.valid
             )
@@ -243,15 +253,20 @@ class Trainer:
         if mfu is not None:
             values["mfu"] = mfu
         values["skipped_samples"] = float(sum(self.train_stream.skipped.values()))
-        for name, share in self.coverage.items():  # the last step's bank hit rate per history
-            values[f"bank_coverage_{name}"] = float(share)
-        if self.staleness is not None:  # summed over ranks: cosine sum, targets held, targets
-            totals = self.staleness.to(self.info.device)
+        if self.content_source is not None:
+            values.update(self.content_values(self.content_source))
+        self.metrics.log(self.step, "train", values)
+        return values
+
+    def content_values(self, source: BankContent | RecomputeContent) -> dict[str, float]:
+        # the last step's hit rate per history (bank: held; recompute: in the catalog)
+        values = {f"bank_coverage_{name}": float(share) for name, share in source.coverage.items()}
+        if source.staleness is not None:  # summed over ranks: cosine sum, targets held, targets
+            totals = source.staleness.to(self.info.device)
             dist.all_reduce(totals)
             values["bank_staleness_cosine"] = (totals[0] / totals[1].clamp(min=1)).item()
             values["bank_target_hit"] = (totals[1] / totals[2].clamp(min=1)).item()
-            self.staleness = None
-        self.metrics.log(self.step, "train", values)
+            source.staleness = None
         return values
 
     def log_eval(self, values: dict[str, float]) -> None:

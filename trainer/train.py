@@ -33,6 +33,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             path = trainer.checkpointer.resolve(resume)
             if path is not None:
                 trainer.checkpointer.load(path)
+        if cfg.memory_bank.warm_up and trainer.bank is not None and trainer.step == 0:
+            trainer.warm_up_bank()
         results = trainer.fit()
         trainer.close()
         return results

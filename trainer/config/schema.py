@@ -168,6 +168,9 @@ class ModelConfig:
     """Fusion-Q-Former Transformer layers."""
     content_dim: int = 32
     """Size of the content (query and document) representation; LEMUR uses 128."""
+    max_history: dict[str, int] = field(default_factory=dict)
+    """Per history sequence, keep only its most recent N items (e.g. {long_history = 128}); unset = the
+    dataset's length."""
     history_encoder: str = "mean"
     """How each user-history sequence becomes features: mean (pooled ID embeddings, the DLRM-style baseline) or
     longer (LEMUR's LONGER-style target-attention decoder: a query token built from the other features
@@ -207,6 +210,7 @@ class ModelConfig:
         check(self.fusion_queries > 0, f"{p}.fusion_queries", "must be > 0")
         check(self.content_dim > 0, f"{p}.content_dim", "must be > 0")
         check(self.ranker in ("rankmixer", "dlrm_mlp"), f"{p}.ranker", "must be rankmixer or dlrm_mlp")
+        check(all(n > 0 for n in self.max_history.values()), f"{p}.max_history", "lengths must be > 0")
         check(self.history_encoder in ("mean", "longer"), f"{p}.history_encoder", "must be mean or longer")
         check(
             self.longer_layers > 0 and self.longer_heads > 0,
@@ -270,25 +274,42 @@ class MemoryBankConfig:
     """LEMUR's bank of item content vectors, row-sharded across ranks."""
 
     enabled: bool = False
-    """Read history content vectors from the bank (else histories carry ID embeddings only). Needs
-    model.use_content."""
+    """History tokens carry the items' content vectors (ID embedding ⊕ content) and the similarity module runs;
+    `mode` says where the vectors come from. Needs model.use_content."""
+    mode: str = "bank"
+    """bank: LEMUR's memory bank (history vectors read by id, no encoder run for them); recompute: the naive
+    end-to-end baseline, every history item re-encoded from raw content at every step, with gradient (it holds the
+    whole item catalog in memory)."""
     capacity: int = 0
-    """Rows over all ranks (a direct-mapped cache: colliding ids evict each other); 0 = 2x the dataset's item
-    cardinality."""
+    """Rows over all ranks (a direct-mapped cache: colliding ids evict each other, so at n items in r rows about
+    n/2r of them miss); 0 = 8x the dataset's item cardinality (about 6% of the items collide)."""
     dtype: str = "bfloat16"
     """Storage dtype of the bank: bfloat16 or float32."""
     max_staleness: int = 1
     """Reads in step t see every write of steps <= t - max_staleness."""
     forward_share: float = 1.0
-    """Share p of samples whose target runs the encoder forward (the rest read the bank). Not implemented yet:
-    every target is encoded."""
+    """Encoder sampling, share p: the targets of ceil(p·n) of a batch's n samples run the encoder (and are
+    written to the bank); the others read their vectors from the bank (zeros on a miss). LEMUR deploys 0.2."""
     backward_share: float = 1.0
-    """Share q of samples whose encoder output receives gradient. Not implemented yet: all do."""
+    """Encoder sampling, share q <= p: ceil(q·n) of the encoded targets keep their gradient into the encoder."""
+    join_gradient: bool = False
+    """Dedup join: let the ranking loss's gradient flow through the fresh vectors that replaced cached history
+    entries (this rank's; gathered ones from other ranks stay detached)."""
+    warm_up: bool = False
+    """Before the first step of a fresh run, encode every item of items.parquet (each rank a share) into the
+    bank, so the first steps' histories are not empty."""
 
     def validate(self, p: str) -> None:
         check(self.dtype in ("bfloat16", "float32"), f"{p}.dtype", "must be bfloat16 or float32")
         check(self.capacity >= 0, f"{p}.capacity", "must be >= 0")
         check(self.max_staleness >= 1, f"{p}.max_staleness", "must be >= 1")
+        check(self.mode in ("bank", "recompute"), f"{p}.mode", "must be bank or recompute")
+        check(
+            self.mode == "bank" or (self.forward_share == 1.0 and self.backward_share == 1.0),
+            f"{p}.forward_share",
+            "encoder sampling needs the bank (mode = 'recompute' encodes every target)",
+        )
+        check(self.mode == "bank" or not self.warm_up, f"{p}.warm_up", "only with mode = 'bank'")
         check(0.0 < self.forward_share <= 1.0, f"{p}.forward_share", "must be in (0, 1]")
         check(
             0.0 <= self.backward_share <= self.forward_share,

@@ -11,6 +11,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from transformers import PreTrainedTokenizerFast
 
+from trainer.config.schema import ConfigError
 from trainer.data.batch import Batch, Tokens
 from trainer.data.spec import DatasetSpec
 
@@ -22,6 +23,8 @@ class CollateSpec:
     id_features: list[str]
     sparse_features: list[str]
     sequences: list[str]
+    history_lengths: dict[str, int]
+    """History -> items kept (the most recent), model.max_history applied."""
     dense: list[str]
     text_fields: dict[str, int]
     """Field -> token budget."""
@@ -43,8 +46,24 @@ class CollateSpec:
         return ["item_id"] + self.sequences
 
 
+def history_lengths(spec: DatasetSpec, max_history: dict[str, int] | None = None) -> dict[str, int]:
+    """Each history's length: the dataset's, or the shorter model.max_history."""
+    limits = dict(max_history or {})
+    unknown = sorted(set(limits) - set(spec.history))
+    if unknown:
+        raise ConfigError(
+            f"model.max_history: {unknown} not among the dataset's histories {list(spec.history)}"
+        )
+    return {name: min(n, limits.get(name, n)) for name, n in spec.history.items()}
+
+
 def collate_spec(
-    spec: DatasetSpec, text_fields: dict[str, int], query_tokens: int, image_size: int, images_per_sample: int
+    spec: DatasetSpec,
+    text_fields: dict[str, int],
+    query_tokens: int,
+    image_size: int,
+    images_per_sample: int,
+    max_history: dict[str, int] | None = None,
 ) -> CollateSpec:
     missing = [f for f in text_fields if f not in spec.text]
     if missing:
@@ -53,6 +72,7 @@ def collate_spec(
         id_features=spec.id_features,
         sparse_features=list(spec.sparse),
         sequences=list(spec.history),
+        history_lengths=history_lengths(spec, max_history),
         dense=list(spec.dense),
         text_fields=dict(text_fields),
         query_tokens=query_tokens if spec.query_text else 0,
@@ -111,7 +131,11 @@ class Collator:
     def __call__(self, samples: list[dict[str, Any]], valid: list[bool] | None = None) -> Batch:
         s = self.spec
         pooled_rows = [{**{k: [x[k]] for k in s.id_features}, **x["sparse"]} for x in samples]
-        sequence_rows = [{"item_id": [x["item_id"]], **x["history"]} for x in samples]
+        keep = s.history_lengths
+        sequence_rows = [
+            {"item_id": [x["item_id"]], **{k: v[-keep[k] :] for k, v in x["history"].items()}}
+            for x in samples
+        ]
         n_img, size = s.images_per_sample, s.image_size
         # [B, N, 3, H, W]: each decoded [H, W, 3] image is transposed as it is copied in (one pass over the pixels;
         # a permute of the whole uint8 batch afterwards costs twice as much).

@@ -287,9 +287,15 @@ def build_dataset(
     query_tokens: int,
     rank: int = 0,
     world_size: int = 1,
+    max_history: dict[str, int] | None = None,
 ) -> ShardDataset:
     collate = collate_spec(
-        spec, text_fields, query_tokens, settings.limits.image_size, settings.limits.images_per_sample
+        spec,
+        text_fields,
+        query_tokens,
+        settings.limits.image_size,
+        settings.limits.images_per_sample,
+        max_history,
     )
     return ShardDataset(shards, spec, collate, tokenizer, settings, rank, world_size)
 
@@ -321,6 +327,14 @@ def make_batch_stream(
     )
     text_fields = dict(zip(model.text_fields, model.text_max_tokens))
     dataset = build_dataset(
-        spec, shards, tokenizer, settings, text_fields, model.query_max_tokens, rank, world_size
+        spec,
+        shards,
+        tokenizer,
+        settings,
+        text_fields,
+        model.query_max_tokens,
+        rank,
+        world_size,
+        model.max_history,
     )
     return BatchStream(dataset, pin_memory=pin_memory, epochs=epochs if split == "train" else 1)

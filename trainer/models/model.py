@@ -16,6 +16,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from embeddings.tables import SparseArch, TablePlan
 from trainer.config.schema import Config
 from trainer.data.batch import Batch
+from trainer.data.collate import history_lengths
 from trainer.data.spec import DatasetSpec
 from trainer.models.fusion import ContentEncoder, QueryEncoder
 from trainer.models.ranker import build_ranker
@@ -181,4 +182,4 @@ def build_model(
 ) -> LemurModel:
     sparse = SparseArch(plan, device=sparse_device)
     dense = DenseArch(cfg, spec, len(plan.pooled_features), vocab_size, pad_token_id)
-    return LemurModel(sparse, dense, dict(spec.history))
+    return LemurModel(sparse, dense, history_lengths(spec, cfg.model.max_history))
