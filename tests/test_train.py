@@ -142,9 +142,14 @@ def _cli(argv: list[str], stdout: Path | None = None) -> None:
 
 
 BANK = ["memory_bank.enabled=true", "model.history_encoder=longer", "model.similarity_top_k=4"]
+LORA = ["model.history_encoder=longer", "lora.rank=2", "lora.short_history={long = 8}"]
 
 
-@pytest.mark.parametrize("mode", [[], BANK], ids=["plain", "memory_bank"])
+@pytest.mark.parametrize(
+    "mode",
+    [[], BANK, [*LORA, "lora.phase2_start=15"], [*LORA, "lora.phase2_start=5"]],
+    ids=["plain", "memory_bank", "lora_phase_switch_after_resume", "lora_resume_in_phase2"],
+)
 def test_kill_and_resume_gives_the_same_losses(small_dataset: Path, tmp_path: Path, mode: list[str]) -> None:
     common = ["training.steps=30", "training.eval_every=0", "training.checkpoint_every=10", *mode]
     reference = tmp_path / "reference"

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from trainer.config import config_to_toml
+from trainer.phases import phase_at
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
@@ -71,6 +72,7 @@ class Checkpointer:
         torch.save(
             {
                 "step": step,
+                "phase": t.phase,
                 "reader": t.train_stream.state_dict(),
                 "rng": rng_state(),
                 "world_size": dist.get_world_size(),
@@ -119,6 +121,10 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"{state_file}: missing; was the checkpoint written by {dist.get_world_size()} ranks?"
             )
+        saved_step = torch.load(path / "trainer-rank00000.pt", weights_only=False)["step"]
+        if phase_at(t.cfg, saved_step) != t.phase:  # the engine must have that phase's trainable set
+            t.step = saved_step
+            t.enter_phase(phase_at(t.cfg, saved_step))
         sparse = self.sparse_state() if not weights_only else {"model": t.model.sparse.state_dict()}
         dcp.load(sparse, checkpoint_id=str(path / "sparse"))
         t.model.sparse.load_state_dict(sparse["model"])

@@ -32,8 +32,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     }
 
 
-def lr_lambda(cfg: Config):  # type: ignore[no-untyped-def]
-    opt, steps = cfg.optimizer, cfg.training.steps
+def lr_lambda(cfg: Config, steps: int | None = None):  # type: ignore[no-untyped-def]
+    """Warm-up then the schedule over `steps` (default training.steps)."""
+    opt = cfg.optimizer
+    steps = cfg.training.steps if steps is None else steps
 
     def factor(step: int) -> float:
         if step < opt.warmup_steps:
@@ -64,12 +66,23 @@ def skip_cpu_shm_comm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def wrap_dense(cfg: Config, dense: nn.Module, world_size: int) -> deepspeed.DeepSpeedEngine:
+def wrap_dense(
+    cfg: Config, dense: nn.Module, world_size: int, schedule_steps: int | None = None
+) -> deepspeed.DeepSpeedEngine:
+    """DeepSpeed over the trainable parameters of `dense`; the LR schedule spans `schedule_steps` (default
+    training.steps; a new training phase passes the steps it has left)."""
     if next(dense.parameters()).device.type == "cpu":
         skip_cpu_shm_comm_op()
     optimizer = build_optimizer(cfg, dense)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, schedule_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=dense, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
     return engine
+
+
+def release(engine: deepspeed.DeepSpeedEngine) -> None:
+    """Drop an engine before wrapping the same module again: ZeRO 1/2 leave gradient hooks on the parameters."""
+    destroy = getattr(engine, "destroy", None)
+    if destroy is not None:
+        destroy()

@@ -21,18 +21,20 @@ from embeddings.tables import plan_tables
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, config_to_toml
 from trainer.content_source import EVAL, SERVE, TRAIN, BankContent, RecomputeContent, StepContent
-from trainer.contrastive import sqdc_loss
+from trainer.contrastive import cic_loss, sqdc_loss
 from trainer.data.batch import Batch
 from trainer.data.items import load_catalog
 from trainer.data.reader import make_batch_stream
 from trainer.data.spec import DatasetSpec, read_spec
 from trainer.distributed import DistInfo
-from trainer.engine import wrap_dense
+from trainer.engine import release, wrap_dense
 from trainer.flops import FlopMeter
 from trainer.logger import MetricsLogger
 from trainer.losses import bce_loss
 from trainer.metrics import EvalAccumulator
 from trainer.models.model import DenseOutput, Embedded, build_model
+from trainer.phases import apply_phase, phase_at
+from trainer.two_stage import freeze_encoders, load_encoders, save_encoders
 
 log = logging.getLogger("lemur")
 WARM_UP_BATCH = 256
@@ -81,6 +83,13 @@ class Trainer:
         self.plan = plan_tables(self.spec, cfg.embeddings)
         seed_everything(cfg.training.seed)
         model = build_model(cfg, self.spec, self.plan, len(tokenizer), tokenizer.pad_token_id)
+        if cfg.model.content_init:  # the two-stage baseline's second stage
+            load_encoders(model.dense, cfg.model.content_init)
+        if cfg.model.freeze_content:
+            freeze_encoders(model.dense)
+        self.full_history = dict(model.history_lengths)
+        self.phase = phase_at(cfg, 0)
+        apply_phase(cfg, model, self.full_history, self.phase)
         model.dense.to(info.device)
         self.dmp = shard_sparse(model, model.sparse, cfg.embeddings, info.device, cfg.data.batch_size)
         self.model = self.dmp.module
@@ -168,10 +177,35 @@ class Trainer:
         stats = self.bank.stats(reduce=True)
         log.info("bank warmed up from items.parquet: %d rows filled", stats["filled"])
 
+    def enter_phase(self, phase: int) -> None:
+        """EM3's LoRA phases: new trainable set and history lengths, so a new DeepSpeed engine (optimizer and LR
+        schedule restart over the steps left)."""
+        apply_phase(self.cfg, self.model, self.full_history, phase)
+        release(self.engine)
+        left = self.cfg.training.steps - self.cfg.lora.phase2_start
+        self.engine = wrap_dense(self.cfg, self.model.dense, self.info.world_size, schedule_steps=left)
+        self.phase = phase
+        log.info(
+            "step %d: LoRA phase %d (histories %s, %s trainable dense parameters)",
+            self.step,
+            phase,
+            self.model.history_lengths,
+            self.count_params(True),
+        )
+
     def loss(self, batch: Batch, out: DenseOutput) -> torch.Tensor:
-        """BCE, plus λ·SQDC between the query and the target item's content vector when configured."""
+        """BCE (objective "ranking"), plus λ·SQDC between the query and the target item's content vector and
+        EM3's CIC between the content and ID projections, when configured."""
         cfg = self.cfg.training
-        loss = bce_loss(out.logits, batch.labels[:, 0], batch.valid)
+        if cfg.objective == "ranking":
+            loss = bce_loss(out.logits, batch.labels[:, 0], batch.valid)
+        else:  # the two-stage baseline's first stage: contrastive losses only (zero keeps the graph)
+            loss = out.logits.float().sum() * 0.0
+        if cfg.cic_weight > 0 and out.cic is not None:
+            content, ids = out.cic
+            loss = loss + cfg.cic_weight * cic_loss(
+                content, ids, batch.valid, cfg.cic_temperature, item_ids=batch.item_id
+            )
         if cfg.sqdc_weight > 0 and out.query is not None and out.content is not None:
             sqdc = sqdc_loss(
                 out.query,
@@ -214,6 +248,8 @@ class Trainer:
         history: list[float] = []
         results: dict[str, Any] = {}
         while self.step < cfg.steps:
+            if phase_at(self.cfg, self.step) != self.phase:
+                self.enter_phase(phase_at(self.cfg, self.step))
             batch = next(batches)
             loss = self.train_step(batch)
             self.step += 1
@@ -232,6 +268,8 @@ class Trainer:
         results["eval"] = self.evaluate()
         self.log_eval(results["eval"])
         self.checkpointer.save(self.step)
+        if cfg.objective == "contrastive" and self.info.is_main:
+            log.info("stage-1 encoders -> %s", save_encoders(self.model.dense, self.out_dir))
         results["train_loss"] = history
         log.info("%s", self.train_stream.report())
         return results

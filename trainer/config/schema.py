@@ -182,6 +182,23 @@ class ModelConfig:
     similarity_top_k: int = 8
     """LEMUR's similarity module (with the memory bank): cosines of the target's and the history's content
     vectors, the most recent k in sequence order and the k largest, per history (0: off)."""
+    no_content_histories: list[str] = field(default_factory=list)
+    """With memory_bank.enabled: histories whose tokens carry NO content vector (ID embedding only) and get no
+    similarity features; LEMUR's "no short / no long multimodal sequence" ablations."""
+    stop_gradient: bool = False
+    """Stop the ranking loss's gradient into the content and query encoders (their vectors are detached where the
+    ranker, the history tokens and the similarity module read them); only SQDC / CIC train the encoders then.
+    LEMUR's "stop-gradient into the Transformer" ablation."""
+    freeze_content: bool = False
+    """Freeze the content and query encoders (no gradient, not in the optimizer): the second stage of the
+    two-stage baseline, usually with content_init."""
+    content_init: str = ""
+    """Initialise the content and query encoders from an `encoder.pt` written by a run with
+    training.objective = "contrastive" (the two-stage baseline's first stage)."""
+    cic_features: list[str] = field(default_factory=lambda: ["item_id", "category", "author"])
+    """EM3's CIC: the ID embeddings concatenated into the item's ID vector (item_id and pooled id features)."""
+    cic_dim: int = 32
+    """CIC: size of the content and ID projection heads' outputs."""
     ranker: str = "rankmixer"
     """rankmixer or dlrm_mlp (the papers' baseline)."""
     ranker_tokens: int = 8
@@ -211,6 +228,13 @@ class ModelConfig:
         check(self.content_dim > 0, f"{p}.content_dim", "must be > 0")
         check(self.ranker in ("rankmixer", "dlrm_mlp"), f"{p}.ranker", "must be rankmixer or dlrm_mlp")
         check(all(n > 0 for n in self.max_history.values()), f"{p}.max_history", "lengths must be > 0")
+        check(self.cic_dim > 0, f"{p}.cic_dim", "must be > 0")
+        check(len(self.cic_features) > 0, f"{p}.cic_features", "needs at least one feature")
+        check(
+            not (self.freeze_content and self.stop_gradient),
+            f"{p}.stop_gradient",
+            "pointless with freeze_content (frozen encoders get no gradient at all)",
+        )
         check(self.history_encoder in ("mean", "longer"), f"{p}.history_encoder", "must be mean or longer")
         check(
             self.longer_layers > 0 and self.longer_heads > 0,
@@ -319,6 +343,31 @@ class MemoryBankConfig:
 
 
 @dataclass
+class LoraConfig:
+    """EM3's LoRA for long sequences: phase 1 trains the sequence model (the LONGER decoders) on short histories;
+    from `phase2_start` on, its weights are frozen and LoRA adapters on its linear layers train on the full
+    histories, while the rest of the model keeps training. The dense optimizer and LR schedule restart at the
+    boundary (a new stage: the set of trained parameters changes). Checkpoints carry the phase."""
+
+    rank: int = 0
+    """Adapter rank (0: off, one phase)."""
+    alpha: float = 8.0
+    """Adapter scale alpha / rank."""
+    phase2_start: int = 0
+    """First step of phase 2 (needs rank > 0)."""
+    short_history: dict[str, int] = field(default_factory=dict)
+    """Phase 1 history lengths (the most recent N), e.g. {long_history = 20}; unset ones keep their length."""
+
+    def validate(self, p: str) -> None:
+        check(self.rank >= 0, f"{p}.rank", "must be >= 0")
+        check(self.alpha > 0, f"{p}.alpha", "must be > 0")
+        check(self.phase2_start >= 0, f"{p}.phase2_start", "must be >= 0")
+        check(self.rank > 0 or self.phase2_start == 0, f"{p}.phase2_start", "needs lora.rank > 0")
+        check(self.rank == 0 or self.phase2_start > 0, f"{p}.rank", "needs lora.phase2_start > 0")
+        check(all(n > 0 for n in self.short_history.values()), f"{p}.short_history", "lengths must be > 0")
+
+
+@dataclass
 class OptimizerConfig:
     """The dense optimizer (DeepSpeed) and its schedule."""
 
@@ -371,6 +420,13 @@ class TrainingConfig:
     """T of SQDC (LEMUR: 50)."""
     sqdc_session_mask: bool = True
     """SQDC never uses other samples of the same query as negatives; False = the plain in-batch contrastive loss."""
+    cic_weight: float = 0.0
+    """Weight of EM3's CIC (content-ID contrastive) loss (0: off; EM3's code 1e-3, a reimplementation 0.1)."""
+    cic_temperature: float = 0.2
+    """CIC temperature (divides the cosine; EM3: 0.1-0.5)."""
+    objective: str = "ranking"
+    """ranking: BCE (+ the weighted contrastive losses); contrastive: only the contrastive losses (SQDC, CIC),
+    the first stage of the two-stage baseline, which writes the encoders to `encoder.pt` in the run directory."""
 
     def validate(self, p: str) -> None:
         check(self.steps > 0, f"{p}.steps", "must be > 0")
@@ -384,6 +440,16 @@ class TrainingConfig:
         check(self.dtype in ("float32", "bfloat16"), f"{p}.dtype", "must be float32 or bfloat16 (not fp16)")
         check(self.sqdc_weight >= 0, f"{p}.sqdc_weight", "must be >= 0")
         check(self.sqdc_temperature > 0, f"{p}.sqdc_temperature", "must be > 0")
+        check(self.cic_weight >= 0, f"{p}.cic_weight", "must be >= 0")
+        check(self.cic_temperature > 0, f"{p}.cic_temperature", "must be > 0")
+        check(
+            self.objective in ("ranking", "contrastive"), f"{p}.objective", "must be ranking or contrastive"
+        )
+        check(
+            self.objective == "ranking" or self.sqdc_weight > 0 or self.cic_weight > 0,
+            f"{p}.objective",
+            "contrastive needs sqdc_weight > 0 or cic_weight > 0",
+        )
 
 
 @dataclass
@@ -427,6 +493,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     memory_bank: MemoryBankConfig = field(default_factory=MemoryBankConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -438,6 +505,7 @@ class Config:
             "model",
             "embeddings",
             "memory_bank",
+            "lora",
             "optimizer",
             "training",
             "distributed",

@@ -14,11 +14,12 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from embeddings.tables import SparseArch, TablePlan
-from trainer.config.schema import Config
+from trainer.config.schema import Config, ConfigError
 from trainer.data.batch import Batch
 from trainer.data.collate import history_lengths
 from trainer.data.spec import DatasetSpec
 from trainer.models.fusion import ContentEncoder, QueryEncoder
+from trainer.models.lora import add_lora
 from trainer.models.ranker import build_ranker
 from trainer.models.sequence import LongerDecoder, similarity_features
 
@@ -39,6 +40,21 @@ class DenseOutput:
     logits: torch.Tensor  # [B]
     content: torch.Tensor | None  # [B, C] the target item's content vector
     query: torch.Tensor | None  # [B, C] the query vector (search scenario)
+    cic: tuple[torch.Tensor, torch.Tensor] | None = None  # CIC heads' (content, ID) projections [B, cic_dim]
+
+
+def history_content_dims(cfg: Config, spec: DatasetSpec) -> dict[str, int]:
+    """Per history, the width of the content vector its tokens carry (0: ID embeddings only)."""
+    bank = cfg.memory_bank.enabled and cfg.model.use_content
+    unknown = [n for n in cfg.model.no_content_histories if n not in spec.history]
+    if unknown:
+        raise ConfigError(
+            f"model.no_content_histories: {unknown} not among the dataset's histories {list(spec.history)}"
+        )
+    return {
+        name: cfg.model.content_dim if bank and name not in cfg.model.no_content_histories else 0
+        for name in spec.history
+    }
 
 
 def padded(jt: JaggedTensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,11 +88,13 @@ class DenseArch(nn.Module):
     bank, and LEMUR's similarity module adds the cosines between the target and history content vectors."""
 
     def __init__(
-        self, cfg: Config, spec: DatasetSpec, num_pooled: int, vocab_size: int, pad_token_id: int
+        self, cfg: Config, spec: DatasetSpec, pooled_features: list[str], vocab_size: int, pad_token_id: int
     ) -> None:
         super().__init__()
         model, dim = cfg.model, cfg.embeddings.dim
         self.history_names = list(spec.history)
+        self.pooled_features = list(pooled_features)
+        self.stop_gradient = model.stop_gradient
         self.content = (
             ContentEncoder(model, vocab_size, pad_token_id, cfg.data.image_size)
             if model.use_content
@@ -85,27 +103,62 @@ class DenseArch(nn.Module):
         search = model.use_content and spec.query_text
         self.query = QueryEncoder(model, vocab_size, pad_token_id) if search else None
         self.dense_proj = nn.Linear(len(spec.dense), dim) if spec.dense else None
-        context_dim = (num_pooled + 1 + (1 if spec.dense else 0)) * dim
+        context_dim = (len(pooled_features) + 1 + (1 if spec.dense else 0)) * dim
         if self.content is not None:
             context_dim += model.content_dim
         if self.query is not None:
             context_dim += model.content_dim + 1
-        bank = cfg.memory_bank.enabled and model.use_content
-        self.history_content_dim = model.content_dim if bank else 0
-        self.similarity_top_k = model.similarity_top_k if bank else 0
-        token_dim = dim + self.history_content_dim
+        self.content_dims = history_content_dims(cfg, spec)
+        self.similarity_top_k = model.similarity_top_k
         self.decoders = None
         if model.history_encoder == "longer":
             # LONGER: a query token built from every other feature attends over each history (no self-attention).
             self.query_token = nn.Linear(context_dim, dim)
             self.decoders = nn.ModuleDict(
                 {
-                    name: LongerDecoder(dim, model.longer_heads, model.longer_layers, history_dim=token_dim)
+                    name: LongerDecoder(
+                        dim,
+                        model.longer_heads,
+                        model.longer_layers,
+                        history_dim=dim + self.content_dims[name],
+                    )
                     for name in self.history_names
                 }
             )
-        per_history = (dim if self.decoders is not None else token_dim) + 2 * self.similarity_top_k
-        self.ranker = build_ranker(model, context_dim + len(self.history_names) * per_history)
+        history_dim = sum(self.history_features(name, dim) for name in self.history_names)
+        self.ranker = build_ranker(model, context_dim + history_dim)
+        self.cic = self.build_cic(cfg) if cfg.training.cic_weight > 0 and self.content is not None else None
+        if cfg.lora.rank > 0:
+            if self.decoders is None:
+                raise ConfigError(
+                    "lora.rank: LoRA adapts the LONGER decoders; set model.history_encoder=longer"
+                )
+            add_lora(self.sequence_model(), cfg.lora.rank, cfg.lora.alpha)
+
+    def history_features(self, name: str, dim: int) -> int:
+        """Width of one history's features for the ranker."""
+        encoded = dim if self.decoders is not None else dim + self.content_dims[name]
+        return encoded + (2 * self.similarity_top_k if self.content_dims[name] else 0)
+
+    def build_cic(self, cfg: Config) -> nn.ModuleDict:
+        """EM3's CIC heads: content vector -> cic_dim, concatenated ID embeddings -> cic_dim."""
+        known = ["item_id", *self.pooled_features]
+        unknown = [f for f in cfg.model.cic_features if f not in known]
+        if unknown:
+            raise ConfigError(f"model.cic_features: {unknown} are not id features of the dataset {known}")
+        self.cic_features = list(cfg.model.cic_features)
+        ids_dim = len(self.cic_features) * cfg.embeddings.dim
+        return nn.ModuleDict(
+            {
+                "content": nn.Linear(cfg.model.content_dim, cfg.model.cic_dim),
+                "ids": nn.Linear(ids_dim, cfg.model.cic_dim),
+            }
+        )
+
+    def sequence_model(self) -> nn.ModuleDict:
+        """The part EM3's LoRA phase freezes and adapts: the LONGER query token and decoders."""
+        assert self.decoders is not None
+        return nn.ModuleDict({"query_token": self.query_token, "decoders": self.decoders})
 
     def encode_content(self, batch: Batch) -> torch.Tensor | None:
         return self.content(batch.text, batch.images, batch.image_mask) if self.content is not None else None
@@ -117,25 +170,50 @@ class DenseArch(nn.Module):
             context.append(self.dense_proj(batch.dense))
         if content is None:
             content = self.encode_content(batch)
-        if content is not None:
-            context.append(content)
+        ranked_content = self.ranked(content)  # what the ranking loss may train through
+        if ranked_content is not None:
+            context.append(ranked_content)
         query = None
         if self.query is not None and batch.query is not None:
             query = self.query(batch.query)
-            context += [query, F.cosine_similarity(query, content, dim=-1).unsqueeze(-1)]
+            ranked_query = self.ranked(query)
+            cosine = F.cosine_similarity(ranked_query, ranked_content, dim=-1).unsqueeze(-1)
+            context += [ranked_query, cosine]
         context_vector = torch.cat(context, dim=-1)
         histories = [
-            self.encode_history(name, embedded, context_vector, content) for name in self.history_names
+            self.encode_history(name, embedded, context_vector, ranked_content) for name in self.history_names
         ]
-        return DenseOutput(self.ranker(torch.cat([context_vector, *histories], dim=-1)), content, query)
+        logits = self.ranker(torch.cat([context_vector, *histories], dim=-1))
+        cic = self.cic_projections(embedded, content) if self.cic is not None else None
+        return DenseOutput(logits, content, query, cic)
+
+    def ranked(self, vectors: torch.Tensor | None) -> torch.Tensor | None:
+        """Content/query vectors as the ranker reads them: detached under model.stop_gradient."""
+        if vectors is None or not self.stop_gradient:
+            return vectors
+        return vectors.detach()
+
+    def cic_projections(self, embedded: Embedded, content: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.cic is not None
+        dim = embedded.target.shape[-1]
+        parts = []
+        for name in self.cic_features:
+            if name == "item_id":
+                parts.append(embedded.target)
+            else:
+                i = self.pooled_features.index(name)
+                parts.append(embedded.pooled[:, i * dim : (i + 1) * dim])
+        ids = torch.cat(parts, dim=-1)
+        return self.cic["content"](content), self.cic["ids"](ids.to(content.dtype))
 
     def encode_history(
         self, name: str, embedded: Embedded, context: torch.Tensor, content: torch.Tensor | None
     ) -> torch.Tensor:
         tokens, mask = embedded.histories[name]
         extra = []
-        if self.history_content_dim:
-            vectors = self.history_content(name, embedded, tokens)
+        if self.content_dims[name]:
+            vectors = self.ranked(self.history_content(name, embedded, tokens))
+            assert vectors is not None
             tokens = torch.cat([tokens, vectors], dim=-1)
             if self.similarity_top_k:
                 extra.append(similarity_features(content, vectors, mask, self.similarity_top_k))
@@ -148,7 +226,7 @@ class DenseArch(nn.Module):
     def history_content(self, name: str, embedded: Embedded, tokens: torch.Tensor) -> torch.Tensor:
         """The bank's vectors for the history; zeros where none were given (e.g. the single-process reference)."""
         if embedded.history_content is None:
-            return tokens.new_zeros(*tokens.shape[:2], self.history_content_dim)
+            return tokens.new_zeros(*tokens.shape[:2], self.content_dims[name])
         return embedded.history_content[name].to(tokens.dtype)
 
 
@@ -181,5 +259,5 @@ def build_model(
     sparse_device: str = "meta",
 ) -> LemurModel:
     sparse = SparseArch(plan, device=sparse_device)
-    dense = DenseArch(cfg, spec, len(plan.pooled_features), vocab_size, pad_token_id)
+    dense = DenseArch(cfg, spec, plan.pooled_features, vocab_size, pad_token_id)
     return LemurModel(sparse, dense, history_lengths(spec, cfg.model.max_history))
