@@ -146,10 +146,9 @@ class BankContent:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, C] target vectors assembled from the encoded rows and the bank rows, and the encoded-rows mask."""
         size = batch.size
-        if rows.backward.numel() == size:  # no sampling: one plain encoder call
-            return encode_rows(self.encoder, batch, rows.backward, grad=True), batch.valid.clone()
-        if rows.forward_only.numel() == size:
-            return encode_rows(self.encoder, batch, rows.forward_only, grad=False), batch.valid.clone()
+        if rows.backward.numel() == size or rows.forward_only.numel() == size:  # every row: one plain call
+            with torch.set_grad_enabled(rows.backward.numel() == size and torch.is_grad_enabled()):
+                return self.encoder(batch.text, batch.images, batch.image_mask), batch.valid.clone()
         target = from_bank.new_zeros(size, self.bank.dim)
         target = target.index_put((rows.from_bank,), from_bank)
         for part, grad in ((rows.backward, True), (rows.forward_only, False)):
