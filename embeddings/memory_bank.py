@@ -182,11 +182,15 @@ class MemoryBank:
         use_stream = async_writes and self.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=self.device) if use_stream else None
         self._pending: list[_PendingWrite] = []
+        # Two spare rows past the bank's own, never filled: a missed read gathers the zero row, and entries of a
+        # write that do not stay land in the trash row (never read). So a read is one gather and a write one
+        # scatter of the vectors, in request order, with no boolean-mask indexing (no host sync).
         rows = self.rows_per_rank
-        self.vectors = torch.zeros(rows, dim, dtype=dtype, device=self.device)
-        self.item_id = torch.full((rows,), -1, dtype=torch.int64, device=self.device)
-        self.version = torch.full((rows,), -1, dtype=torch.int64, device=self.device)
-        self.filled = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        self._zero_row, self._trash_row = rows, rows + 1
+        self.vectors = torch.zeros(rows + 2, dim, dtype=dtype, device=self.device)
+        self.item_id = torch.full((rows + 2,), -1, dtype=torch.int64, device=self.device)
+        self.version = torch.full((rows + 2,), -1, dtype=torch.int64, device=self.device)
+        self.filled = torch.zeros(rows + 2, dtype=torch.bool, device=self.device)
         self._evictions = torch.zeros((), dtype=torch.int64, device=self.device)
 
     # ------------------------------------------------------------------------------------------- public API
@@ -404,7 +408,7 @@ class MemoryBank:
         """Owner side of a read: the rows' vectors (zeros on a miss) and whether the stored id is the one asked."""
         rows = row_of(ids, self.world_size, self.capacity)
         hit = self.filled[rows] & (self.item_id[rows] == ids)
-        return self.vectors[rows].masked_fill_(~hit.unsqueeze(1), 0), hit
+        return self.vectors.index_select(0, torch.where(hit, rows, self._zero_row)), hit
 
     def _max_over_ranks(self, value: int) -> int:
         if self.world_size == 1:
@@ -447,27 +451,27 @@ class MemoryBank:
         self, ids: torch.Tensor, vectors: torch.Tensor, versions: torch.Tensor, keep_newer: bool = False
     ) -> None:
         """Store rows on this rank. Entries sharing a row act as sequential writes in their given order (the last
-        one stays). ``keep_newer`` (loading): sort by version first, and never replace a newer stored row."""
+        one stays). ``keep_newer`` (loading): sort by version first, and never replace a newer stored row. Entries
+        that do not stay are written to the trash row, so the vectors are copied once, in their given order."""
         if ids.numel() == 0:
             return
         if keep_newer:
             by_version = torch.argsort(versions, stable=True)
             ids, vectors, versions = ids[by_version], vectors[by_version], versions[by_version]
         rows = row_of(ids, self.world_size, self.capacity)
-        order = torch.argsort(rows, stable=True)
-        rows, ids = rows[order], ids[order]
-        last = _last_of_runs(rows)
-        if not keep_newer:
-            self._count_evictions(rows, ids, last)
-        win = order[last]
-        rows, ids = rows[last], ids[last]
+        order = torch.argsort(rows.int() if self.rows_per_rank < 2**31 else rows, stable=True)
+        sorted_rows = rows[order]
+        last = _last_of_runs(sorted_rows)
+        stays = torch.zeros_like(last).index_put_((order,), last)
         if keep_newer:
-            newer = ~self.filled[rows] | (versions[win] >= self.version[rows])
-            rows, ids, win = rows[newer], ids[newer], win[newer]
-        self.vectors.index_copy_(0, rows, vectors[win])
-        self.item_id.index_copy_(0, rows, ids)
-        self.version.index_copy_(0, rows, versions[win])
-        self.filled[rows] = True
+            stays &= ~self.filled[rows] | (versions >= self.version[rows])
+        else:
+            self._count_evictions(sorted_rows, ids[order], last)
+        target = torch.where(stays, rows, self._trash_row)
+        self.vectors.index_copy_(0, target, vectors)
+        self.item_id.index_copy_(0, target, ids)
+        self.version.index_copy_(0, target, versions)
+        self.filled.index_put_((target,), stays)
 
     def _count_evictions(self, rows: torch.Tensor, ids: torch.Tensor, last: torch.Tensor) -> None:
         """Row-sorted entries: the first of a row evicts a different stored id, each later one a different
