@@ -93,6 +93,18 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from trainer.experiment.main import list_tables, run_experiment
+
+    if args.list or args.name is None:
+        print(list_tables())
+        return 0
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    return run_experiment(
+        args.name, args.size, args.seeds, args.out, args.nproc, args.jobs, variants, args.overrides
+    )
+
+
 def _config(args: argparse.Namespace) -> int:
     print(config_to_toml(load_config(args.config, args.overrides)), end="")
     return 0
@@ -140,6 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_arg(export)
     export.add_argument("--out", required=True, help="parquet file to write")
     export.set_defaults(func=_export)
+
+    exp = sub.add_parser(
+        "experiment",
+        help="run a paper table end to end: synthesise, train variants x seeds, report (markdown, PNG, JSON)",
+    )
+    exp.add_argument("name", nargs="?", help="table name (--list shows them)")
+    exp.add_argument("--list", action="store_true", help="list the tables and sizes")
+    exp.add_argument(
+        "--size", choices=("small", "large"), default="small", help="small: 2-core CPU; large: 1 GPU"
+    )
+    exp.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant (default 3)")
+    exp.add_argument("--out", help="output directory (default outputs/experiments/NAME-SIZE)")
+    exp.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    exp.add_argument("--jobs", type=int, help="runs at a time (default: the size's)")
+    exp.add_argument("--variants", help="comma-separated subset of the variants (the baseline always runs)")
+    exp.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="A.B=C", help="for every run"
+    )
+    exp.set_defaults(func=_experiment)
 
     data = sub.add_parser("data", help="generate, import and inspect datasets").add_subparsers(
         dest="data_command", required=True
