@@ -98,6 +98,12 @@ def test_multi_stage_plan_passes_the_earlier_run_dir(tmp_path: Path) -> None:
     assert chains[0][0].variant == "base"  # the baseline first
 
 
+def test_unknown_placeholder_is_a_clear_error(tmp_path: Path) -> None:
+    table = Table("t", "d", "a", (Variant("a", ('data.tokenizer="${stage_nope}/x"',)),))
+    with pytest.raises(ValueError, match="unknown placeholder"):
+        plan_runs(table, SMALL_SIZE, [0], tmp_path, [])
+
+
 # ------------------------------------------------------------------------------------------------ arithmetic
 
 

@@ -334,6 +334,8 @@ def render_markdown(
         "",
         legend(table, len(meta["seeds"])),
         "",
+        "![deltas vs the baseline per metric, error bars +-2 standard errors](chart.png)",
+        "",
         "## Findings",
         "",
         *[f"- {line}" for line in findings(table, variants, checks)],
@@ -346,11 +348,24 @@ def render_markdown(
         f"the same for every run)",
         f"- hardware: {meta['hardware_summary']}; commit {meta['hardware'].get('commit') or '?'}",
         *_wall_lines(meta),
+        *_load_line(variants, meta),
         f"- run directories: `{meta['out']}/runs/<variant>/seed<k>`",
     ]
     if meta.get("note"):
         parts.append(f"- note: {meta['note']}")
     return "\n".join(parts) + "\n"
+
+
+def _load_line(variants: list[VariantReport], meta: dict[str, Any]) -> list[str]:
+    """The machine's load when the runs ended: on a shared machine, other work slows the runs."""
+    loads = [r["load_average"] for v in variants for r in v.runs if r.get("load_average") is not None]
+    if not loads:
+        return []
+    busy = meta.get("jobs", 1) * meta.get("threads_per_run", 1)
+    return [
+        f"- load average (1 min) as the runs ended: median {statistics.median(loads):.1f}, max {max(loads):.1f} "
+        f"(this experiment alone: about {busy}); above that, other work shared the machine and slowed the runs"
+    ]
 
 
 def _wall_lines(meta: dict[str, Any]) -> list[str]:

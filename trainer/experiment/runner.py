@@ -75,6 +75,8 @@ class RunResult:
     """Median of the run's logged training windows (all ranks together)."""
     command: list[str] = field(default_factory=list)
     error: str = ""
+    load_average: float | None = None
+    """The machine's 1-minute load average when the run ended (about `jobs` x threads when nothing else runs)."""
 
 
 # ------------------------------------------------------------------------------------------------- planning
@@ -313,6 +315,7 @@ class Runner:
             eval=final_eval(records),
             samples_per_s=median_samples_per_s(records),
             command=command,
+            load_average=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         )
         if code != 0:
             result.error = f"exit code {code}; see {spec.dir / 'train.log'}"

@@ -33,7 +33,7 @@ SMALL = Size(
     overrides=(
         *QUIET,
         "data.batch_size=128",
-        "training.steps=250",
+        "training.steps=200",
         "model.text_tower.hidden=32",
         "model.query_tower.hidden=32",
         "model.vision_tower.hidden=32",
@@ -42,12 +42,14 @@ SMALL = Size(
     ),
     jobs=2,
     description="tiny preset, towers 32 wide, long history cut to 50: 40k synthetic samples (800 items, 300 users), "
-    "250 steps of 128 (1 epoch), one process a run, 2 runs at a time on one thread each",
+    "200 steps of 128 (0.8 epoch), one process a run, 2 runs at a time on one thread each",
 )
-"""Measured on the 2-core CPU (shared, so +-30% from run to run): a full LEMUR run about 2 minutes, an ID-only run
-under 1, 2 at a time. At 150 steps of 128 the content models had not yet overtaken the ID-only ones (AUC 0.60 vs
-0.65); at 250-300 they had (0.69 vs 0.65). 300 steps with the long history at 100 put the 24-run ablation table
-at about 30 minutes, hence 250 steps and history 50."""
+"""Measured on the 2-core CPU (shared, so +-30% from run to run and up to 2x when other work runs): a full LEMUR
+run about 2 minutes (0.35-0.45 s a step, ~35 s start-up and eval), an ID-only run under 1, 2 at a time. At 150 steps
+of 128 with 64-wide towers the content models had not yet overtaken the ID-only ones (AUC 0.60 vs 0.65); with
+32-wide towers at 200-300 steps they had (0.66-0.69 vs 0.65-0.66). 300 steps at history 100 put the 24-run
+ablation table at about 30 minutes on a quiet machine, and 250 at history 50 still close to it, hence 200."""
+
 
 LARGE = Size(
     name="large",
