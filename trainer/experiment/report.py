@@ -377,7 +377,9 @@ def _wall_lines(meta: dict[str, Any]) -> list[str]:
     if not working:
         return [f"- wall time: {_duration(meta['wall_s'])} (synthesis {_duration(meta['synth_s'])}); {runs}"]
     idle = len(invocations) - len(working)
-    later = f"; {idle} other invocation(s) found every run finished" if idle else ""
+    later = (
+        f"; {idle} other invocation(s) finished no run (report rewrites, or stopped early)" if idle else ""
+    )
     if len(working) == 1:
         w = working[0]
         return [
@@ -385,7 +387,11 @@ def _wall_lines(meta: dict[str, Any]) -> list[str]:
             f"{runs}{later}"
         ]
     total = sum(i["wall_s"] for i in working)
-    items = "; ".join(f"{i['started']}: {_duration(i['wall_s'])}, {i['runs_run']} runs" for i in working)
+    items = "; ".join(
+        f"{i['started']}: {_duration(i['wall_s'])}, {i['runs_run']} runs"
+        + (f" ({i['note']})" if i.get("note") else "")
+        for i in working
+    )
     return [f"- wall time: {_duration(total)} over {len(working)} invocations ({items}); {runs}{later}"]
 
 
