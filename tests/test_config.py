@@ -56,6 +56,11 @@ def test_overrides_are_typed() -> None:
         ("data.batch_size", "expected key=value"),
         ('embeddings.sharding_types=["data_parallel"]', "data_parallel is refused: DDP is off"),
         ("training.grad_accum=2", "training.grad_accum: must be 1: fused sparse optimizers"),
+        ("optimizer.lr=inf", "optimizer.lr: must be a finite number, got inf"),
+        ("embeddings.lr=nan", "embeddings.lr: must be a finite number, got nan"),
+        ("model.ranker=mlp", "model.ranker: must be one of rankmixer, dlrm_mlp"),
+        ('embeddings.optimizer="lamb"', "embeddings.optimizer: must be one of rowwise_adagrad"),
+        ('embeddings.sharding_types=["grid"]', "embeddings.sharding_types: unknown ['grid']"),
     ],
 )
 def test_errors_name_the_field(override: str, message: str) -> None:
@@ -78,3 +83,31 @@ def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
         path = tmp_path / f"{name}.toml"
         path.write_text(config_to_toml(cfg))
         assert load_config(str(path)) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["model.use_content=false", "memory_bank.enabled=true"],
+            "memory_bank.enabled: needs model.use_content = true",
+        ),
+        (["lora.rank=2", "lora.phase2_start=5"], "lora.rank: LoRA adapts the LONGER decoders"),
+        (["memory_bank.warm_up=true"], "memory_bank.warm_up: needs memory_bank.enabled = true"),
+    ],
+)
+def test_cross_section_rules_name_the_field(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)
+    load_config("lemur", ["model.use_content=false", "memory_bank.enabled=false"])  # the ID-only baseline
+
+
+def test_every_registered_name_resolves_to_a_builder() -> None:
+    from embeddings.registry import FUSED_OPTIMIZERS, SHARDING_TYPES
+    from trainer.config.registry import FUSIONS, RANKERS
+
+    for registry in (RANKERS, FUSIONS, FUSED_OPTIMIZERS, SHARDING_TYPES):
+        for name in registry.names:
+            assert registry.resolve(name) is not None, (registry.family, name)
+    with pytest.raises(KeyError, match="unknown ranker 'mlp'"):
+        RANKERS.resolve("mlp")

@@ -5,7 +5,13 @@ Presets live in `presets/*.toml`; a file or preset is loaded first, then `--set 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
+from typing import Any
+
+from embeddings.registry import FUSED_OPTIMIZERS, SHARDING_TYPES, Registry
+from trainer.config.registry import FUSIONS, RANKERS
 
 
 class ConfigError(ValueError):
@@ -15,6 +21,10 @@ class ConfigError(ValueError):
 def check(condition: bool, name: str, why: str) -> None:
     if not condition:
         raise ConfigError(f"{name}: {why}")
+
+
+def check_choice(value: str, name: str, registry: Registry) -> None:
+    check(value in registry, name, f"must be one of {', '.join(registry.names)} (got {value!r})")
 
 
 @dataclass
@@ -161,7 +171,8 @@ class ModelConfig:
     patch_size: int = 16
     """ViT patch size."""
     fusion: str = "fqformer"
-    """How text and image tokens become one content vector: fqformer, masked_fqformer, 1flow, 2flow."""
+    """How text and image tokens become one content vector: fqformer, masked_fqformer, 1flow, 2flow
+    (`trainer/config/registry.py`: FUSIONS)."""
     fusion_queries: int = 4
     """Fusion-Q-Former: learnable queries Q put in front of the single-modal tokens."""
     fusion_layers: int = 1
@@ -200,7 +211,7 @@ class ModelConfig:
     cic_dim: int = 32
     """CIC: size of the content and ID projection heads' outputs."""
     ranker: str = "rankmixer"
-    """rankmixer or dlrm_mlp (the papers' baseline)."""
+    """rankmixer or dlrm_mlp (the papers' baseline); `trainer/config/registry.py`: RANKERS."""
     ranker_tokens: int = 8
     """RankMixer: features are split into this many tokens."""
     ranker_layers: int = 2
@@ -219,14 +230,10 @@ class ModelConfig:
         check(self.query_max_tokens > 0, f"{p}.query_max_tokens", "must be > 0")
         for name in ("text_tower", "query_tower", "vision_tower"):
             getattr(self, name).validate(f"{p}.{name}")
-        check(
-            self.fusion in ("fqformer", "masked_fqformer", "1flow", "2flow"),
-            f"{p}.fusion",
-            "must be one of fqformer, masked_fqformer, 1flow, 2flow",
-        )
+        check_choice(self.fusion, f"{p}.fusion", FUSIONS)
         check(self.fusion_queries > 0, f"{p}.fusion_queries", "must be > 0")
         check(self.content_dim > 0, f"{p}.content_dim", "must be > 0")
-        check(self.ranker in ("rankmixer", "dlrm_mlp"), f"{p}.ranker", "must be rankmixer or dlrm_mlp")
+        check_choice(self.ranker, f"{p}.ranker", RANKERS)
         check(all(n > 0 for n in self.max_history.values()), f"{p}.max_history", "lengths must be > 0")
         check(self.cic_dim > 0, f"{p}.cic_dim", "must be > 0")
         check(len(self.cic_features) > 0, f"{p}.cic_features", "needs at least one feature")
@@ -257,12 +264,13 @@ class EmbeddingsConfig:
     hash_sizes: dict[str, int] = field(default_factory=dict)
     """Per-feature row counts, e.g. {item_id = 1000003}."""
     sharding_types: list[str] = field(default_factory=lambda: ["table_wise", "row_wise", "column_wise"])
-    """Sharding types the planner may choose (data_parallel is refused: see the README)."""
+    """Sharding types the planner may choose (`embeddings/registry.py`: SHARDING_TYPES; data_parallel is refused:
+    see the README). On CPU only table_wise, column_wise and table_column_wise apply."""
     compute_kernel: str = "fused"
     """TorchRec compute kernel, always with the optimizer fused into backward: fused (tables in device memory),
     fused_uvm_caching (GPU: UVM-backed tables with an HBM cache), fused_uvm."""
     optimizer: str = "rowwise_adagrad"
-    """Fused sparse optimizer: rowwise_adagrad, adagrad, adam, sgd."""
+    """Fused sparse optimizer: rowwise_adagrad, adagrad, adam, sgd (`embeddings/registry.py`: FUSED_OPTIMIZERS)."""
     lr: float = 0.05
     """Sparse learning rate."""
 
@@ -270,26 +278,21 @@ class EmbeddingsConfig:
         check(self.dim > 0, f"{p}.dim", "must be > 0")
         check(self.hash_size > 0, f"{p}.hash_size", "must be > 0")
         check(all(v > 0 for v in self.hash_sizes.values()), f"{p}.hash_sizes", "sizes must be > 0")
-        allowed = {"table_wise", "row_wise", "column_wise", "table_column_wise", "table_row_wise"}
         check(
             "data_parallel" not in self.sharding_types,
             f"{p}.sharding_types",
             "data_parallel is refused: DDP is off (DeepSpeed owns the dense part), so nothing would all-reduce "
             "a data-parallel table's gradients",
         )
-        bad = [t for t in self.sharding_types if t not in allowed]
-        check(not bad, f"{p}.sharding_types", f"unknown {bad}; allowed: {sorted(allowed)}")
+        bad = [t for t in self.sharding_types if t not in SHARDING_TYPES]
+        check(not bad, f"{p}.sharding_types", f"unknown {bad}; allowed: {SHARDING_TYPES.names}")
         check(bool(self.sharding_types), f"{p}.sharding_types", "needs at least one sharding type")
         check(
             self.compute_kernel in ("fused", "fused_uvm_caching", "fused_uvm"),
             f"{p}.compute_kernel",
             "must be fused, fused_uvm_caching or fused_uvm",
         )
-        check(
-            self.optimizer in ("rowwise_adagrad", "adagrad", "adam", "sgd"),
-            f"{p}.optimizer",
-            "must be rowwise_adagrad, adagrad, adam or sgd",
-        )
+        check_choice(self.optimizer, f"{p}.optimizer", FUSED_OPTIMIZERS)
         check(self.lr > 0, f"{p}.lr", "must be > 0")
 
 
@@ -299,7 +302,7 @@ class MemoryBankConfig:
 
     enabled: bool = False
     """History tokens carry the items' content vectors (ID embedding ⊕ content) and the similarity module runs;
-    `mode` says where the vectors come from. Needs model.use_content."""
+    `mode` says where the vectors come from. Needs model.use_content (an error otherwise)."""
     mode: str = "bank"
     """bank: LEMUR's memory bank (history vectors read by id, no encoder run for them); recompute: the naive
     end-to-end baseline, every history item re-encoded from raw content at every step, with gradient (it holds the
@@ -500,6 +503,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> Config:
+        check_finite(self, "")
         for name in (
             "data",
             "model",
@@ -512,4 +516,39 @@ class Config:
             "logging",
         ):
             getattr(self, name).validate(name)
+        check_cross_section(self)
         return self
+
+
+def check_cross_section(cfg: Config) -> None:
+    """The rules that tie two sections together, in one place."""
+    check(
+        cfg.model.use_content or not cfg.memory_bank.enabled,
+        "memory_bank.enabled",
+        "needs model.use_content = true (the bank holds content vectors; an ID-only model has none): "
+        "set memory_bank.enabled = false for the ID-only baseline",
+    )
+    check(
+        cfg.lora.rank == 0 or cfg.model.history_encoder == "longer",
+        "lora.rank",
+        "LoRA adapts the LONGER decoders; set model.history_encoder = longer",
+    )
+    check(
+        cfg.memory_bank.warm_up is False or cfg.memory_bank.enabled,
+        "memory_bank.warm_up",
+        "needs memory_bank.enabled = true",
+    )
+
+
+def check_finite(node: Any, prefix: str) -> None:
+    """No float field anywhere in the tree may be inf or NaN (TOML reads `inf` and `nan` as floats)."""
+    for f in dataclasses.fields(node):
+        value, name = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_finite(value, f"{name}.")
+        elif isinstance(value, float):
+            check(math.isfinite(value), name, f"must be a finite number, got {value}")
+        elif isinstance(value, list | dict):
+            items = value.values() if isinstance(value, dict) else value
+            bad = [v for v in items if isinstance(v, float) and not math.isfinite(v)]
+            check(not bad, name, f"must hold finite numbers, got {bad}")

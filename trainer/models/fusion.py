@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer.config.registry import FUSIONS
 from trainer.config.schema import ModelConfig
 from trainer.models.towers import Encoded, TextTower, VisionTower
 
@@ -142,18 +143,7 @@ class ContentEncoder(nn.Module):
         )
         self.vision = VisionTower(cfg.vision_tower, image_size, cfg.patch_size) if cfg.use_images else None
         image_dim = self.vision.hidden_size if self.vision is not None else None
-        if cfg.fusion in ("fqformer", "masked_fqformer"):
-            self.fusion: nn.Module = FusionQFormer(
-                self.text.hidden_size,
-                image_dim,
-                cfg.fusion_queries,
-                cfg.fusion_layers,
-                self.text.heads,
-                cfg.content_dim,
-                masked=cfg.fusion == "masked_fqformer",
-            )
-        else:
-            self.fusion = FlowFusion(self.text.hidden_size, image_dim, cfg.content_dim, cfg.fusion == "2flow")
+        self.fusion = FUSIONS.resolve(cfg.fusion)(cfg, self.text.hidden_size, image_dim, self.text.heads)
 
     def encode(
         self, text: dict[str, Tokens], images: Tensor, image_mask: Tensor
@@ -164,6 +154,26 @@ class ContentEncoder(nn.Module):
 
     def forward(self, text: dict[str, Tokens], images: Tensor, image_mask: Tensor) -> Tensor:
         return self.fusion(*self.encode(text, images, image_mask))
+
+
+def build_fqformer(cfg: ModelConfig, text_dim: int, image_dim: int | None, heads: int) -> nn.Module:
+    return FusionQFormer(
+        text_dim, image_dim, cfg.fusion_queries, cfg.fusion_layers, heads, cfg.content_dim, masked=False
+    )
+
+
+def build_masked_fqformer(cfg: ModelConfig, text_dim: int, image_dim: int | None, heads: int) -> nn.Module:
+    return FusionQFormer(
+        text_dim, image_dim, cfg.fusion_queries, cfg.fusion_layers, heads, cfg.content_dim, masked=True
+    )
+
+
+def build_one_flow(cfg: ModelConfig, text_dim: int, image_dim: int | None, heads: int) -> nn.Module:
+    return FlowFusion(text_dim, image_dim, cfg.content_dim, separate=False)
+
+
+def build_two_flow(cfg: ModelConfig, text_dim: int, image_dim: int | None, heads: int) -> nn.Module:
+    return FlowFusion(text_dim, image_dim, cfg.content_dim, separate=True)
 
 
 class QueryEncoder(nn.Module):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer.config.registry import RANKERS
 from trainer.config.schema import ModelConfig
 
 
@@ -87,9 +88,14 @@ class DlrmMlp(nn.Module):
         return self.net(features).squeeze(-1)
 
 
+def build_rankmixer(cfg: ModelConfig, in_dim: int) -> nn.Module:
+    return RankMixer(in_dim, cfg.ranker_tokens, cfg.ranker_hidden, cfg.ranker_layers)
+
+
+def build_dlrm_mlp(cfg: ModelConfig, in_dim: int) -> nn.Module:
+    return DlrmMlp(in_dim, cfg.ranker_hidden, cfg.ranker_layers)
+
+
 def build_ranker(cfg: ModelConfig, in_dim: int) -> nn.Module:
-    if cfg.ranker == "rankmixer":
-        return RankMixer(in_dim, cfg.ranker_tokens, cfg.ranker_hidden, cfg.ranker_layers)
-    if cfg.ranker == "dlrm_mlp":
-        return DlrmMlp(in_dim, cfg.ranker_hidden, cfg.ranker_layers)
-    raise ValueError(f"model.ranker: unknown {cfg.ranker!r}")
+    """The ranker registered as `cfg.ranker` (trainer/config/registry.py)."""
+    return RANKERS.resolve(cfg.ranker)(cfg, in_dim)
