@@ -1,7 +1,8 @@
 """LEMUR's memory bank: the latest content vector of every item id, row-sharded over the ranks.
 
 Every step the document encoder runs on the batch's target items and ``write`` stores the result; history
-sequences ``read`` their items' vectors by id instead of re-encoding them, without gradient (SPEC, "Memory bank").
+sequences ``read`` their items' vectors by id instead of re-encoding them, without gradient (LEMUR, arXiv
+2511.10962).
 
 Layout
     Each rank holds ``rows_per_rank = ceil(capacity / world_size)`` rows: ``vectors`` [rows, D] (bf16 by default),

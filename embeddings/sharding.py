@@ -6,27 +6,31 @@ Data-parallel table sharding is refused: with DDP off, nothing would all-reduce 
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec import optim as trec_optim
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+from embeddings.registry import CPU_SHARDING_TYPES, FUSED_OPTIMIZERS, SHARDING_TYPES
 from embeddings.tables import SparseArch
-from trainer.config.schema import ConfigError, EmbeddingsConfig
 
-CPU_SHARDING_TYPES = {"table_wise", "column_wise", "table_column_wise"}
-FUSED_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
-    "rowwise_adagrad": (trec_optim.RowWiseAdagrad, {"eps": 1e-8}),
-    "adagrad": (torch.optim.Adagrad, {"eps": 1e-8}),
-    "adam": (torch.optim.Adam, {"eps": 1e-8}),
-    "sgd": (torch.optim.SGD, {}),
-}
+FUSED_EPS = 1e-8
+
+
+@dataclass
+class ShardingOptions:
+    """How the sparse part is sharded and updated (names from `embeddings/registry.py`)."""
+
+    sharding_types: list[str] = field(default_factory=lambda: ["table_wise"])
+    compute_kernel: str = "fused"
+    optimizer: str = "rowwise_adagrad"
+    lr: float = 0.05
 
 
 class NoDataParallel(DataParallelWrapper):
@@ -36,34 +40,36 @@ class NoDataParallel(DataParallelWrapper):
         return None
 
 
-def attach_fused_optimizer(sparse: SparseArch, cfg: EmbeddingsConfig) -> None:
+def attach_fused_optimizer(sparse: SparseArch, name: str, lr: float) -> None:
     """The sparse optimizer runs inside the embedding backward (fbgemm's fused TBE update)."""
-    optimizer, extra = FUSED_OPTIMIZERS[cfg.optimizer]
-    apply_optimizer_in_backward(optimizer, sparse.parameters(), {"lr": cfg.lr, **extra})
+    optimizer = FUSED_OPTIMIZERS.resolve(name)
+    extra = {"eps": FUSED_EPS} if "eps" in inspect.signature(optimizer).parameters else {}
+    apply_optimizer_in_backward(optimizer, sparse.parameters(), {"lr": lr, **extra})
 
 
-def allowed_sharding_types(cfg: EmbeddingsConfig, device: torch.device) -> list[str]:
-    allowed = list(cfg.sharding_types)
+def allowed_sharding_types(sharding_types: list[str], device: torch.device) -> list[str]:
+    """The requested types that TorchRec can use on `device` (row-wise sharding needs CUDA)."""
+    allowed = list(sharding_types)
     if device.type != "cuda":
         allowed = [t for t in allowed if t in CPU_SHARDING_TYPES]
     if not allowed:
-        raise ConfigError(
-            f"embeddings.sharding_types: none of {cfg.sharding_types} runs on {device.type}; "
-            f"on CPU use one of {sorted(CPU_SHARDING_TYPES)} (row-wise sharding needs CUDA)"
+        raise ValueError(
+            f"none of the sharding types {sharding_types} runs on {device.type}; "
+            f"on CPU use one of {list(CPU_SHARDING_TYPES)} (row-wise sharding needs CUDA)"
         )
-    return allowed
+    return [SHARDING_TYPES.resolve(t).value for t in allowed]
 
 
 def plan_sharding(
-    model: nn.Module, sparse: SparseArch, cfg: EmbeddingsConfig, device: torch.device, batch_size: int
+    model: nn.Module, sparse: SparseArch, options: ShardingOptions, device: torch.device, batch_size: int
 ) -> ShardingPlan:
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     local_world_size = torch.cuda.device_count() if device.type == "cuda" else world_size
     topology = Topology(
         world_size=world_size, local_world_size=min(local_world_size, world_size), compute_device=device.type
     )
-    types = allowed_sharding_types(cfg, device)
-    kernel = cfg.compute_kernel
+    types = allowed_sharding_types(options.sharding_types, device)
+    kernel = options.compute_kernel
     constraints = {
         t.name: ParameterConstraints(sharding_types=types, compute_kernels=[kernel])
         for t in list(sparse.ebc.embedding_bag_configs()) + list(sparse.ec.embedding_configs())
@@ -75,12 +81,12 @@ def plan_sharding(
 
 
 def shard_sparse(
-    model: nn.Module, sparse: SparseArch, cfg: EmbeddingsConfig, device: torch.device, batch_size: int
+    model: nn.Module, sparse: SparseArch, options: ShardingOptions, device: torch.device, batch_size: int
 ) -> DistributedModelParallel:
-    """Attach the fused optimizer, plan, and wrap `model` in DMP: the sparse arch's collections are sharded and
-    materialised on `device`; everything else is left as it is (moved to `device`)."""
-    attach_fused_optimizer(sparse, cfg)
-    plan = plan_sharding(model, sparse, cfg, device, batch_size)
+    """Attach the fused optimizer, plan, and wrap `model` (which holds `sparse`) in DMP: the sparse arch's
+    collections are sharded and materialised on `device`; everything else is left as it is (moved to `device`)."""
+    attach_fused_optimizer(sparse, options.optimizer, options.lr)
+    plan = plan_sharding(model, sparse, options, device, batch_size)
     env = (
         ShardingEnv.from_process_group(dist.group.WORLD)
         if dist.is_initialized()

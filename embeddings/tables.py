@@ -1,8 +1,9 @@
-"""ID tables derived from the dataset's feature spec, and the hashing of raw int64 ids into table rows.
+"""ID tables for a dataset's id features, and the hashing of raw int64 ids into table rows.
 
-Pooled features (user_id, query_id, the spec's sparse features) get one EmbeddingBagCollection table each. The
-target item and the history sequences share one EmbeddingCollection table ("item"), so target and history
-embeddings live in one space.
+Pooled features (user_id, query_id, the sparse features) get one EmbeddingBagCollection table each. The target item
+and the history sequences share one EmbeddingCollection table ("item"), so target and history embeddings live in
+one space. Ids are hashed into rows before the collections see them (`hash_kjt`, run by the reader's collate), so
+the sharded collections take a batch's KeyedJaggedTensors as they are.
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ from torchrec import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from trainer.config.schema import EmbeddingsConfig
-from trainer.data.spec import DatasetSpec
-
 ITEM_TABLE = "item"
 MIN_ROWS = 16
 
@@ -38,26 +36,34 @@ class TablePlan:
     sequence_features: list[str]
 
 
-def table_rows(feature: str, cardinality: int | None, cfg: EmbeddingsConfig) -> int:
-    """hash_sizes[feature] if set; else hash_size, shrunk to twice the known cardinality (small data, small tables)."""
-    if feature in cfg.hash_sizes:
-        return cfg.hash_sizes[feature]
+def table_rows(cardinality: int | None, hash_size: int, override: int | None = None) -> int:
+    """`override` if set; else hash_size, shrunk to twice the known cardinality (small data, small tables)."""
+    if override:
+        return override
     if cardinality:
-        return max(MIN_ROWS, min(cfg.hash_size, 2 * cardinality))
-    return cfg.hash_size
+        return max(MIN_ROWS, min(hash_size, 2 * cardinality))
+    return hash_size
 
 
-def plan_tables(spec: DatasetSpec, cfg: EmbeddingsConfig) -> TablePlan:
-    cards = {**{k: v.get("cardinality") for k, v in spec.sparse.items()}, **spec.cardinalities}
-    pooled_features = [k for k in spec.id_features if k != "item_id"] + list(spec.sparse)
-    sequence_features = ["item_id", *spec.history]
-    rows = {f: table_rows(f, cards.get(f), cfg) for f in pooled_features}
-    item_rows = table_rows("item_id", cards.get("item_id"), cfg)
+def plan_tables(
+    pooled_features: list[str],
+    sequence_features: list[str],
+    cardinalities: dict[str, int],
+    dim: int,
+    hash_size: int,
+    hash_sizes: dict[str, int] | None = None,
+) -> TablePlan:
+    """One pooled table per pooled feature; one item table shared by `sequence_features` (the target item first,
+    then the histories), sized by the first of them. `hash_sizes` overrides the rows of a feature."""
+    overrides = hash_sizes or {}
+    item = sequence_features[0]
+    rows = {f: table_rows(cardinalities.get(f), hash_size, overrides.get(f)) for f in pooled_features}
+    item_rows = table_rows(cardinalities.get(item), hash_size, overrides.get(item))
     rows.update({f: item_rows for f in sequence_features})
     pooled = [
         EmbeddingBagConfig(
             name=f"t_{f}",
-            embedding_dim=cfg.dim,
+            embedding_dim=dim,
             num_embeddings=rows[f],
             feature_names=[f],
             pooling=PoolingType.MEAN,
@@ -66,10 +72,10 @@ def plan_tables(spec: DatasetSpec, cfg: EmbeddingsConfig) -> TablePlan:
     ]
     sequence = [
         EmbeddingConfig(
-            name=ITEM_TABLE, embedding_dim=cfg.dim, num_embeddings=item_rows, feature_names=sequence_features
+            name=ITEM_TABLE, embedding_dim=dim, num_embeddings=item_rows, feature_names=sequence_features
         )
     ]
-    return TablePlan(rows, pooled, sequence, pooled_features, sequence_features)
+    return TablePlan(rows, pooled, sequence, list(pooled_features), list(sequence_features))
 
 
 GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # the 64-bit golden-ratio constant as a signed int64
@@ -95,7 +101,8 @@ def hash_kjt(kjt: KeyedJaggedTensor, rows: dict[str, int]) -> KeyedJaggedTensor:
 
 
 class SparseArch(nn.Module):
-    """Raw ids -> hashed -> pooled embeddings (EBC) and sequence embeddings (EC). DMP shards the two collections."""
+    """Table rows (ids hashed by `hash_kjt`) -> pooled embeddings (EBC) and sequence embeddings (EC). DMP shards
+    the two collections."""
 
     def __init__(self, plan: TablePlan, device: torch.device | str = "meta") -> None:
         super().__init__()
@@ -109,9 +116,9 @@ class SparseArch(nn.Module):
         self, pooled: KeyedJaggedTensor, sequences: KeyedJaggedTensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the pooled embeddings concatenated [B, F * dim] (in pooled_features order) and, per sequence
-        feature, its JaggedTensor of embeddings."""
-        pooled_out = self.ebc(hash_kjt(pooled, self.rows))
-        sequence_out = self.ec(hash_kjt(sequences, self.rows))
+        feature, its JaggedTensor of embeddings. Both KJTs hold table rows already (`hash_kjt`)."""
+        pooled_out = self.ebc(pooled)
+        sequence_out = self.ec(sequences)
         # By name, never .values(): a sharded collection returns its features grouped by the sharding plan, so
         # the column order would change with the plan (and the number of ranks).
         pooled_cat = torch.cat([pooled_out[f] for f in self.pooled_features], dim=1)

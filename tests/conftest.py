@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import Config, load_config
-from trainer.data.synth.generate import synthesize
+from trainer.dataset_tools.synth.generate import synthesize
 
 SMALL = [
     "data.synth.num_samples=1800",

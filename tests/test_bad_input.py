@@ -13,8 +13,8 @@ import pytest
 from tests.conftest import small_config
 from trainer.data.decode import BadSample
 from trainer.data.reader import make_batch_stream
-from trainer.data.shards import ShardWriter
 from trainer.data.spec import ShardInfo, read_spec, write_spec
+from trainer.dataset_tools.shard_writer import ShardWriter
 
 MARKER = Path("/tmp/lemur-test-unpickled")
 

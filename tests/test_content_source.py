@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from trainer.content import EVAL, SERVE, TRAIN, BankContent, SampledRows, sample_rows
 
 from embeddings.memory_bank import MemoryBank
 from tests.conftest import small_config
 from trainer.config.schema import MemoryBankConfig
-from trainer.content_source import EVAL, SERVE, TRAIN, BankContent, SampledRows, sample_rows
 from trainer.data.batch import Tokens
 
 DIM = 6
@@ -112,7 +112,7 @@ def test_training_rows_come_from_the_step_seeded_sampler() -> None:
 
 
 def test_catalog_inputs_equal_the_readers_target_inputs(small_dataset: Path) -> None:
-    from trainer.data.items import load_catalog
+    from trainer.data.item_catalog import load_catalog
     from trainer.data.reader import make_batch_stream
 
     cfg = small_config(small_dataset)
@@ -174,22 +174,22 @@ BANK = [
 
 
 def _serving(dataset: str, out: str, bank_dtype: str) -> None:
-    from trainer.content_source import EVAL, SERVE
+    from trainer.content import EVAL, SERVE
 
     t = _trainer(dataset, [*BANK, f'memory_bank.dtype="{bank_dtype}"'], out)
     stream = iter(t.train_stream)
     for _ in range(4):
         t.train_step(next(stream))
         t.step += 1
-    t.warm_up_bank()  # every item's entry is now the current encoder's output: fresh
+    t.content_source.warm_up(t.step)  # every item's entry is now the current encoder's output: fresh
     assert t.bank.stats()["filled"] == 200  # every item of items.parquet
     calls = count_calls(t.model.dense.content)
     eval_batch = next(stream)
     with torch.no_grad():
         t.engine.eval()
-        trained, _ = t.forward(eval_batch, EVAL)
+        _, trained = t.forward(eval_batch, EVAL)
         encoder_runs = len(calls)
-        served, content = t.forward(eval_batch, SERVE)
+        _, served = t.forward(eval_batch, SERVE)
     assert encoder_runs == 1 and len(calls) == 1  # serving never ran the encoder
     held = t.bank.read(eval_batch.item_id, t.step)[1]
     assert bool(held.all())
@@ -203,8 +203,8 @@ def _serving(dataset: str, out: str, bank_dtype: str) -> None:
         t.step += 1
     with torch.no_grad():
         t.engine.eval()
-        retrained, _ = t.forward(eval_batch, EVAL)
-        stale, _ = t.forward(eval_batch, SERVE)
+        _, retrained = t.forward(eval_batch, EVAL)
+        _, stale = t.forward(eval_batch, SERVE)
     assert not torch.allclose(stale.logits, retrained.logits, atol=tol)
     metrics = t.evaluate(from_bank=True)
     assert 0.0 <= metrics["auc"] <= 1.0
@@ -219,30 +219,30 @@ def test_serving_from_the_bank_matches_training_scores(
 
 
 def _recompute(dataset: str, out: str) -> None:
-    from trainer.content_source import EVAL
+    from trainer.content import EVAL
 
     bank = _trainer(dataset, [*BANK, 'memory_bank.dtype="float32"'], out + "-bank")
     torch.manual_seed(0)
     recompute = _trainer(dataset, [*BANK, 'memory_bank.mode="recompute"'], out)
     recompute.model.dense.load_state_dict(bank.model.dense.state_dict())
     recompute.model.sparse.load_state_dict(bank.model.sparse.state_dict())
-    bank.warm_up_bank()
+    bank.content_source.warm_up(bank.step)
     batch = next(iter(bank.train_stream))
     for t in (bank, recompute):
         t.engine.eval()
     with torch.no_grad():
-        from_bank, bank_content = bank.forward(batch, EVAL)
-        recomputed, content = recompute.forward(batch, EVAL)
-    for name, vectors in content.histories.items():
-        assert torch.allclose(vectors, bank_content.histories[name], atol=1e-5), name
+        _, from_bank = bank.forward(batch, EVAL)
+        _, recomputed = recompute.forward(batch, EVAL)
+    for name, vectors in recomputed.content.histories.items():
+        assert torch.allclose(vectors, from_bank.content.histories[name], atol=1e-5), name
     assert torch.allclose(recomputed.logits, from_bank.logits, atol=1e-5)
     # in training, the ranking loss reaches the encoder through the history items too
     recompute.engine.train()
     calls = count_calls(recompute.model.dense.content)
-    out_train, content = recompute.forward(batch, "train")
+    _, out_train = recompute.forward(batch, "train")
     assert len(calls) == 2  # the targets, then the batch's unique history items in one call
     recompute.model.dense.zero_grad()
-    next(iter(content.histories.values())).sum().backward()
+    next(iter(out_train.content.histories.values())).sum().backward()
     grads = [p.grad for p in recompute.model.dense.content.parameters() if p.requires_grad]
     assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
     assert all(float(v) == 1.0 for v in recompute.content_source.coverage.values())

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from trainer.data import importer
-from trainer.data.importer import DataImportError, import_parquet
 from trainer.data.spec import read_spec
-from trainer.data.synth.content import stable_id
 from trainer.data.tokenizer import load_tokenizer
+from trainer.dataset_tools import parquet_import as importer
+from trainer.dataset_tools.parquet_import import DataImportError, import_parquet
+from trainer.dataset_tools.synth.content import stable_id
 
 N_ITEMS, N_ROWS = 6, 20
 BASE_ID = 10**12

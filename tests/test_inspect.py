@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from trainer.config import load_config
-from trainer.data.inspect import THUMB, abbreviate, inspect_dataset
 from trainer.data.spec import DatasetSpec, read_spec
-from trainer.data.synth.generate import synthesize
+from trainer.dataset_tools.inspect import THUMB, abbreviate, inspect_dataset
+from trainer.dataset_tools.synth.generate import synthesize
 
 SMALL = [
     "data.synth.num_samples=1500",

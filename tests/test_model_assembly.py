@@ -7,13 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from embeddings.tables import plan_tables
 from tests.conftest import small_config
-from trainer.contrastive import sqdc_loss
 from trainer.data.reader import make_batch_stream
 from trainer.data.spec import read_spec
-from trainer.losses import bce_loss
-from trainer.models.model import build_model
+from trainer.models.model import build_model, plan_id_tables
+from trainer.step import LemurStep
 
 TINY = [
     "model.text_tower.hidden=32",
@@ -28,21 +26,18 @@ def test_model_trains_with_each_history_encoder(small_dataset: Path, encoder: st
     torch.manual_seed(0)
     cfg = small_config(small_dataset, *TINY, f"model.history_encoder={encoder}", "training.sqdc_weight=0.1")
     spec = read_spec(small_dataset)
-    stream = make_batch_stream(cfg, "train", epochs=1)
+    plan = plan_id_tables(spec, cfg.embeddings)
+    stream = make_batch_stream(cfg, "train", epochs=1, table_rows=plan.rows)
     tokenizer = stream.dataset.collator.tokenizer
-    model = build_model(
-        cfg, spec, plan_tables(spec, cfg.embeddings), len(tokenizer), tokenizer.pad_token_id, "cpu"
-    )
+    model = build_model(cfg, spec, plan, len(tokenizer), tokenizer.pad_token_id, "cpu")
+    step = LemurStep(model, None, cfg.training)  # BCE + 0.1 SQDC (training.sqdc_weight)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     batches = list(stream)[:8]
     losses = []
     for _ in range(2):
         for batch in batches:
-            out = model(batch)
+            loss, out = step(batch)
             assert out.logits.shape == (batch.size,) and torch.isfinite(out.logits).all()
-            labels = batch.labels[:, 0]
-            loss = bce_loss(out.logits, labels, batch.valid)
-            loss = loss + 0.1 * sqdc_loss(out.query, out.content, labels, batch.query_id, batch.valid, 50.0)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -15,7 +15,7 @@ import webdataset as wds
 from tests.conftest import small_config
 from trainer.data.decode import decode_image
 from trainer.data.reader import make_batch_stream
-from trainer.data.sources import ShardRef, assign_shards, reader_sample_counts
+from trainer.data.shard_lists import ShardRef, assign_shards, reader_sample_counts
 from trainer.data.spec import read_spec
 from trainer.data.tokenizer import load_tokenizer
 

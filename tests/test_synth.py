@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import small_config
 from trainer.data.spec import read_spec
-from trainer.data.synth.generate import synthesize
+from trainer.dataset_tools.synth.generate import synthesize
 
 
 def records(dataset: Path, split: str) -> list[dict]:

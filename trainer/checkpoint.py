@@ -1,5 +1,11 @@
-"""Checkpoint and resume: sparse tables and their fused optimizer state through torch.distributed.checkpoint, the
-dense engine through DeepSpeed, and per rank the reader position, step and RNG states; plus the resolved config.
+"""Checkpoints made of parts that save themselves (torchtitan's `CheckpointManager(states={...})`).
+
+The checkpointer takes `{name: part}` and knows nothing else about the run: each part writes and reads its own
+sub-directory of `step-N/` (`save(directory)`, `load(directory)`, both collectives: every rank calls them, in
+the order the parts are given). The adapters below turn a `state_dict`/`load_state_dict` object into a part:
+`ShardedState` (sharded tensors, through torch.distributed.checkpoint, resharded on load) and `RankState` (one
+file per rank: the reader position, the trainer's step and RNG). The DeepSpeed engine (`trainer/engine.py`) and the
+memory bank save themselves.
 
 Atomic: everything is written under `step-N.partial/`; once every rank is done, rank 0 renames it to `step-N/` and
 then points `latest` at it (write-then-rename). A crash mid-save leaves `latest` on the previous checkpoint.
@@ -11,74 +17,142 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from trainer.config import config_to_toml
-from trainer.phases import phase_at
-
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
-
 log = logging.getLogger("lemur")
 LATEST = "latest"
+CONFIG_FILE = "config.toml"
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+class CheckpointPart(Protocol):
+    """One part of a checkpoint: writes and reads its own directory. Both are collectives."""
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+
+class ShardedState:
+    """A state whose tensors are sharded over the ranks (TorchRec's tables and their fused optimizer state):
+    saved with torch.distributed.checkpoint, and resharded to this run's plan on load (any number of ranks)."""
+
+    def __init__(self, state: Stateful) -> None:
+        self.state = state
+
+    def save(self, directory: Path) -> None:
+        dcp.save(self.state.state_dict(), checkpoint_id=str(directory))
+
+    def load(self, directory: Path) -> None:
+        target = self.state.state_dict()  # DCP loads in place, into this run's shards
+        dcp.load(target, checkpoint_id=str(directory))
+        self.state.load_state_dict(target)
+
+
+class RankState:
+    """A state that is each rank's own: one file per rank. `source_rank` reads that rank's file on every rank
+    instead (state that is the same on all ranks, read by a run of another size)."""
+
+    def __init__(self, state: Stateful, source_rank: int | None = None) -> None:
+        self.state = state
+        self.source_rank = source_rank
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        record = {"world_size": world_size, "state": self.state.state_dict()}
+        torch.save(record, directory / rank_file(dist.get_rank() if dist.is_initialized() else 0))
+
+    def load(self, directory: Path) -> None:
+        rank = self.source_rank if self.source_rank is not None else dist.get_rank()
+        path = directory / rank_file(rank)
+        if not path.is_file():
+            world_size = dist.get_world_size() if dist.is_initialized() else 1
+            raise FileNotFoundError(f"{path}: missing; was the checkpoint written by {world_size} ranks?")
+        record = torch.load(path, weights_only=False)  # our own file: positions, RNG states
+        self.state.load_state_dict(record["state"])
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
+
+
+class ModelState:
+    """A module's weights and, optionally, its optimizer's state, as one state dict."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: Any | None = None) -> None:
+        self.module, self.optimizer = module, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"model": self.module.state_dict()}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+
+class RngState:
+    """Python's, numpy's, torch's and CUDA's RNG states (restore it last: loading other parts may draw)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 class Checkpointer:
-    def __init__(self, root: Path, trainer: Trainer, keep: int = 2) -> None:
-        self.root = root
-        self.trainer = trainer
-        self.keep = keep
+    """Saves and loads `parts` (in their order) under `root/step-N/<name>/`. Parts named in `optional` may be
+    absent from a checkpoint (they are then left as they are)."""
 
-    def sparse_state(self) -> dict[str, Any]:
-        return {
-            "model": self.trainer.model.sparse.state_dict(),
-            "optimizer": self.trainer.dmp.fused_optimizer.state_dict(),
-        }
+    def __init__(
+        self,
+        root: Path,
+        parts: Mapping[str, CheckpointPart],
+        config_text: str = "",
+        keep: int = 2,
+        optional: tuple[str, ...] = (),
+    ) -> None:
+        self.root = Path(root)
+        self.parts = dict(parts)
+        self.config_text = config_text
+        self.keep = keep
+        self.optional = set(optional)
 
     def save(self, step: int) -> Path:
-        t, rank = self.trainer, dist.get_rank()
+        rank = dist.get_rank()
         final = self.root / f"step-{step:08d}"
         partial = self.root / f"step-{step:08d}.partial"
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-            (partial / "config.toml").write_text(config_to_toml(t.cfg))
+            (partial / CONFIG_FILE).write_text(self.config_text)
         dist.barrier()
-        dcp.save(self.sparse_state(), checkpoint_id=str(partial / "sparse"))
-        t.engine.save_checkpoint(str(partial / "dense"), tag="dense")
-        if t.bank is not None:
-            t.bank.save(partial / "bank")
-        torch.save(
-            {
-                "step": step,
-                "phase": t.phase,
-                "reader": t.train_stream.state_dict(),
-                "rng": rng_state(),
-                "world_size": dist.get_world_size(),
-            },
-            partial / f"trainer-rank{rank:05d}.pt",
-        )
+        for name, part in self.parts.items():
+            part.save(partial / name)
         dist.barrier()
         if rank == 0:
             shutil.rmtree(final, ignore_errors=True)
@@ -90,6 +164,20 @@ class Checkpointer:
             log.info("checkpoint: %s", final)
         dist.barrier()
         return final
+
+    def load(self, path: Path) -> None:
+        missing = self.missing_parts(path)
+        if missing:
+            raise FileNotFoundError(
+                f"{path}: not a complete checkpoint for this run: no {', '.join(missing)}"
+            )
+        for name, part in self.parts.items():
+            if (path / name).is_dir():
+                part.load(path / name)
+        log.info("loaded %s from %s", ", ".join(n for n in self.parts if (path / n).is_dir()), path)
+
+    def missing_parts(self, path: Path) -> list[str]:
+        return [f"{n}/" for n in self.parts if n not in self.optional and not (path / n).is_dir()]
 
     def prune(self) -> None:
         done = sorted(p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".partial"))
@@ -108,41 +196,9 @@ class Checkpointer:
         if resume == "auto":
             return self.latest()
         path = Path(resume)
-        if not (path / "sparse").is_dir():
-            raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no sparse/ in it)")
-        return path
-
-    def load(self, path: Path, weights_only: bool = False) -> int:
-        """Restore everything for an exact resume (same number of ranks), or with weights_only just the model
-        (sparse tables are resharded by DCP to this run's plan, any rank count), e.g. for eval and export."""
-        t, rank = self.trainer, dist.get_rank()
-        state_file = path / f"trainer-rank{rank:05d}.pt"
-        if not weights_only and not state_file.is_file():
+        missing = self.missing_parts(path)
+        if not path.is_dir() or missing:
             raise FileNotFoundError(
-                f"{state_file}: missing; was the checkpoint written by {dist.get_world_size()} ranks?"
+                f"--resume {resume}: not a checkpoint directory (no {', '.join(missing) or 'such directory'})"
             )
-        saved_step = torch.load(path / "trainer-rank00000.pt", weights_only=False)["step"]
-        if phase_at(t.cfg, saved_step) != t.phase:  # the engine must have that phase's trainable set
-            t.step = saved_step
-            t.enter_phase(phase_at(t.cfg, saved_step))
-        sparse = self.sparse_state() if not weights_only else {"model": t.model.sparse.state_dict()}
-        dcp.load(sparse, checkpoint_id=str(path / "sparse"))
-        t.model.sparse.load_state_dict(sparse["model"])
-        if (
-            t.bank is not None and (path / "bank").is_dir()
-        ):  # any number of ranks: rows go to their new owners
-            t.bank.load(path / "bank")
-        if weights_only:
-            t.engine.load_checkpoint(
-                str(path / "dense"), tag="dense", load_optimizer_states=False, load_lr_scheduler_states=False
-            )
-            log.info("loaded weights from %s", path)
-            return t.step
-        t.dmp.fused_optimizer.load_state_dict(sparse["optimizer"])
-        t.engine.load_checkpoint(str(path / "dense"), tag="dense")
-        state = torch.load(state_file, weights_only=False)  # our own file: reader position, RNG states
-        t.train_stream.load_state_dict(state["reader"])
-        set_rng_state(state["rng"])
-        t.step = state["step"]
-        log.info("resumed from %s at step %d", path, t.step)
-        return t.step
+        return path

@@ -29,7 +29,7 @@ def _add_checkpoint_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from trainer.data.synth.generate import synthesize
+    from trainer.dataset_tools.synth.generate import synthesize
 
     overrides = list(args.overrides)
     if args.samples is not None:
@@ -44,7 +44,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from trainer.data.importer import import_parquet
+    from trainer.dataset_tools.parquet_import import import_parquet
 
     import_parquet(
         interactions=args.interactions,
@@ -60,7 +60,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from trainer.data.inspect import inspect_dataset
+    from trainer.dataset_tools.inspect import inspect_dataset
 
     inspect_dataset(args.path, samples=args.samples, sheet=args.sheet)
     return 0

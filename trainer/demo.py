@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from trainer.config import load_config
-from trainer.data.synth.generate import synthesize
+from trainer.dataset_tools.synth.generate import synthesize
 from trainer.metrics import format_metrics_table
 
 RUNS = {"multimodal": [], "id_only": ["model.use_content=false"]}

@@ -1,10 +1,13 @@
-"""The one place that wraps the dense part with DeepSpeed: config dict from our config, optimizer, LR schedule."""
+"""The one place that wraps the dense part with DeepSpeed: config dict from our config, optimizer, LR schedule, and
+the engine's checkpoint part."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,3 +89,29 @@ def release(engine: deepspeed.DeepSpeedEngine) -> None:
     destroy = getattr(engine, "destroy", None)
     if destroy is not None:
         destroy()
+
+
+ENGINE_TAG = "dense"
+
+
+class EngineState:
+    """The DeepSpeed engine as a checkpoint part: weights, (ZeRO-partitioned) optimizer state and LR schedule, in
+    DeepSpeed's own layout. `engine` is called at save and load time (a new training phase replaces the engine);
+    `optimizer=False` loads the weights only (eval, export)."""
+
+    def __init__(self, engine: Callable[[], deepspeed.DeepSpeedEngine], optimizer: bool = True) -> None:
+        self.engine = engine
+        self.optimizer = optimizer
+
+    def save(self, directory: Path) -> None:
+        self.engine().save_checkpoint(str(directory), tag=ENGINE_TAG)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine().load_checkpoint(
+            str(directory),
+            tag=ENGINE_TAG,
+            load_optimizer_states=self.optimizer,
+            load_lr_scheduler_states=self.optimizer,
+        )
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint tagged {ENGINE_TAG!r}")

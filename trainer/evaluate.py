@@ -18,10 +18,7 @@ def _loaded(cfg: Config, checkpoint: str) -> Trainer:
     info = init_distributed(cfg.distributed.backend)
     setup_logging(info.rank)
     trainer = Trainer(cfg, info)
-    path = trainer.checkpointer.resolve(checkpoint)
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint under {trainer.checkpointer.root}")
-    trainer.checkpointer.load(path, weights_only=True)
+    trainer.load_weights(checkpoint)
     return trainer
 
 
@@ -38,7 +35,7 @@ def evaluate_checkpoint(
         if (from_bank or refresh_bank) and trainer.bank is None:
             raise ValueError("--from-bank/--refresh-bank need memory_bank.enabled = true with mode = 'bank'")
         if refresh_bank:
-            trainer.warm_up_bank()
+            trainer.content_source.warm_up(trainer.step)  # type: ignore[union-attr]
         results = trainer.evaluate(from_bank=from_bank)
         if trainer.info.is_main:
             print(json.dumps(results, indent=1) if as_json else format_metrics_table({name: results}))
@@ -50,7 +47,10 @@ def evaluate_checkpoint(
 def export_checkpoint(cfg: Config, checkpoint: str, out: str) -> Path | None:
     try:
         trainer = _loaded(cfg, checkpoint)
-        path = export_items(trainer, Path(out))
+        if trainer.model.dense.content is None:
+            raise ValueError("model.use_content is false: an ID-only model has no content vectors to export")
+        content = trainer.model.dense.content
+        path = export_items(content, trainer.items, Path(out), trainer.info.device, cfg.model.content_dim)
         if path is not None:
             print(f"exported item vectors -> {path}")
         return path

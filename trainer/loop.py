@@ -1,4 +1,5 @@
-"""The training loop: build from config, then small step functions (train step, eval, log, checkpoint)."""
+"""The training loop: build the pieces from config, then the loop and its small step functions (train step, eval,
+log, checkpoint). The step itself (embed → content → dense → loss) is `trainer/step.py`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 import random
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,32 +16,32 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from embeddings.memory_bank import MemoryBank
-from embeddings.sharding import describe_plan, shard_sparse
-from embeddings.tables import plan_tables
-from trainer.checkpoint import Checkpointer
-from trainer.config import Config, config_to_toml
-from trainer.content_source import EVAL, SERVE, TRAIN, BankContent, RecomputeContent, StepContent
-from trainer.contrastive import cic_loss, sqdc_loss
+from embeddings.sharding import ShardingOptions, describe_plan, shard_sparse
+from trainer.checkpoint import (
+    Checkpointer,
+    CheckpointPart,
+    ModelState,
+    RankState,
+    RngState,
+    ShardedState,
+)
+from trainer.config import Config, ConfigError, config_to_toml
+from trainer.content import EVAL, SERVE, TRAIN, BankContent, ContentSource, build_content_source
 from trainer.data.batch import Batch
-from trainer.data.items import load_catalog
-from trainer.data.reader import make_batch_stream
-from trainer.data.spec import DatasetSpec, read_spec
+from trainer.data.item_catalog import ItemsParquet
+from trainer.data.reader import BatchStream, make_batch_stream
+from trainer.data.spec import read_spec
 from trainer.distributed import DistInfo
-from trainer.engine import release, wrap_dense
+from trainer.engine import EngineState, release, wrap_dense
 from trainer.flops import FlopMeter
 from trainer.logger import MetricsLogger
-from trainer.losses import bce_loss
 from trainer.metrics import EvalAccumulator
-from trainer.models.model import DenseOutput, Embedded, build_model
+from trainer.models.model import LemurModel, build_model, plan_id_tables
 from trainer.phases import apply_phase, phase_at
+from trainer.step import LemurStep, StepOutput
 from trainer.two_stage import freeze_encoders, load_encoders, save_encoders
 
 log = logging.getLogger("lemur")
-WARM_UP_BATCH = 256
-CAPACITY_PER_ITEM = 8
-"""Default bank rows per known item: a direct-mapped cache at load factor a misses about a/2 of the items
-(1 - (1 - e^-a) / a): 6% at 1/8, 21% at 1/2."""
 
 
 def seed_everything(seed: int) -> None:
@@ -49,133 +50,171 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_bank(cfg: Config, spec: DatasetSpec, device: torch.device) -> MemoryBank:
-    capacity = cfg.memory_bank.capacity or CAPACITY_PER_ITEM * max(
-        1, spec.cardinalities.get("item_id", spec.counts.get("items", 1))
-    )
-    dtype = torch.bfloat16 if cfg.memory_bank.dtype == "bfloat16" else torch.float32
-    return MemoryBank(
-        capacity,
-        cfg.model.content_dim,
-        dtype=dtype,
-        device=device,
-        max_staleness=cfg.memory_bank.max_staleness,
-    )
+def sharding_options(cfg: Config) -> ShardingOptions:
+    e = cfg.embeddings
+    return ShardingOptions(list(e.sharding_types), e.compute_kernel, e.optimizer, e.lr)
 
 
-def bank_mode(cfg: Config) -> str | None:
-    """bank, recompute, or None (history tokens carry ID embeddings only)."""
-    if not (cfg.memory_bank.enabled and cfg.model.use_content):
-        return None
-    return cfg.memory_bank.mode
+class TrainState:
+    """The trainer's own progress, as a checkpoint state: the step and the LoRA phase. Loading a phase other than
+    the current one enters it first (`enter_phase`), so the engine has that phase's trainable set."""
+
+    def __init__(self, phase: int, enter_phase: Callable[[int], None], progress: bool = True) -> None:
+        self.step = 0
+        self.phase = phase
+        self.enter_phase = enter_phase
+        self.progress = progress
+        """False: loading restores the phase only (weights for eval or export), not the step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "phase": self.phase}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.progress:
+            self.step = state["step"]
+        if state["phase"] != self.phase:
+            self.enter_phase(state["phase"])
 
 
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo) -> None:
         self.cfg, self.info = cfg, info
-        self.dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else torch.float32
         self.out_dir = Path(cfg.logging.out_dir)
         self.spec = read_spec(cfg.data.path)
-        self.train_stream = make_batch_stream(
-            cfg, "train", info.rank, info.world_size, pin_memory=info.device.type == "cuda"
-        )
-        tokenizer = self.train_stream.dataset.collator.tokenizer
-        self.plan = plan_tables(self.spec, cfg.embeddings)
+        self.plan = plan_id_tables(self.spec, cfg.embeddings)
+        self.with_content_source = cfg.memory_bank.enabled
+        self.train_stream = self.batches("train", pin_memory=info.device.type == "cuda")
+        collator = self.train_stream.dataset.collator
         seed_everything(cfg.training.seed)
-        model = build_model(cfg, self.spec, self.plan, len(tokenizer), tokenizer.pad_token_id)
+        model = build_model(
+            cfg, self.spec, self.plan, len(collator.tokenizer), collator.tokenizer.pad_token_id
+        )
         if cfg.model.content_init:  # the two-stage baseline's second stage
             load_encoders(model.dense, cfg.model.content_init)
         if cfg.model.freeze_content:
             freeze_encoders(model.dense)
         self.full_history = dict(model.history_lengths)
-        self.phase = phase_at(cfg, 0)
-        apply_phase(cfg, model, self.full_history, self.phase)
+        self.state = TrainState(phase_at(cfg, 0), self.enter_phase)
+        apply_phase(cfg, model, self.full_history, self.state.phase)
         model.dense.to(info.device)
-        self.dmp = shard_sparse(model, model.sparse, cfg.embeddings, info.device, cfg.data.batch_size)
-        self.model = self.dmp.module
+        self.items = ItemsParquet(Path(cfg.data.path) / "items.parquet", collator)
+        content = build_content_source(
+            cfg, self.spec, model.dense.content, self.items, info.device, info.rank
+        )
+        dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else torch.float32
+        step = LemurStep(model, content, cfg.training, dtype)
+        try:
+            self.dmp = shard_sparse(
+                step, model.sparse, sharding_options(cfg), info.device, cfg.data.batch_size
+            )
+        except ValueError as err:
+            raise ConfigError(f"embeddings.sharding_types: {err}") from err
+        self.step_module: LemurStep = self.dmp.module
+        self.model: LemurModel = self.step_module.model
         self.engine = wrap_dense(cfg, self.model.dense, info.world_size)
-        self.bank = build_bank(cfg, self.spec, info.device) if bank_mode(cfg) == "bank" else None
-        self.content_source = self.build_content_source()
-        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", self)
+        self.step_module.use_dense_engine(self.engine)
+        self.checkpointer = Checkpointer(
+            self.out_dir / "checkpoints", self.checkpoint_parts(), config_to_toml(cfg), optional=("bank",)
+        )
         self.metrics = MetricsLogger(self.out_dir, info.is_main, cfg.logging.tensorboard)
         self.flops = FlopMeter(info.device)
-        self.step = 0
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.toml").write_text(config_to_toml(cfg))
             log.info("sharding plan:\n%s", describe_plan(self.dmp))
             log.info("dense parameters: %s (trainable %s)", self.count_params(False), self.count_params(True))
 
+    # ----------------------------------------------------------------------------------------------- parts
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
+    @property
+    def phase(self) -> int:
+        return self.state.phase
+
+    @property
+    def content_source(self) -> ContentSource | None:
+        return self.step_module.content
+
+    @property
+    def bank(self):  # type: ignore[no-untyped-def]
+        """The memory bank (None unless memory_bank.mode is bank)."""
+        source = self.content_source
+        return source.bank if isinstance(source, BankContent) else None
+
+    def batches(self, split: str, pin_memory: bool = False) -> BatchStream:
+        """The reader for `split`: ids hashed into this run's tables, raw history ids kept for a content source."""
+        return make_batch_stream(
+            self.cfg,
+            split,
+            self.info.rank,
+            self.info.world_size,
+            pin_memory=pin_memory,
+            table_rows=self.plan.rows,
+            raw_histories=self.with_content_source,
+        )
+
     def count_params(self, trainable: bool) -> int:
         return sum(p.numel() for p in self.model.dense.parameters() if p.requires_grad or not trainable)
 
+    def checkpoint_parts(self, weights_only: bool = False) -> dict[str, CheckpointPart]:
+        """Everything an exact resume needs, in load order: the phase first (it may rebuild the engine), the RNG
+        last. `weights_only`: the model only (eval, export; the tables and the bank reshard to any rank count)."""
+        sparse = ModelState(self.model.sparse, None if weights_only else self.dmp.fused_optimizer)
+        parts: dict[str, CheckpointPart] = {
+            "trainer": RankState(
+                self.state if not weights_only else self.phase_state(), 0 if weights_only else None
+            ),
+            "sparse": ShardedState(sparse),
+            "dense": EngineState(lambda: self.engine, optimizer=not weights_only),
+        }
+        if self.bank is not None:
+            parts["bank"] = self.bank
+        if not weights_only:
+            parts["reader"] = RankState(self.train_stream)
+            parts["rng"] = RankState(RngState())
+        return parts
+
+    def phase_state(self) -> TrainState:
+        """The trainer state for a weights-only load: the saved phase applies, the step does not."""
+        state = TrainState(self.state.phase, self.enter_phase, progress=False)
+        return state
+
+    def resume(self, checkpoint: str) -> None:
+        """Continue from `checkpoint` ('auto': the latest in the run directory, if any)."""
+        path = self.checkpointer.resolve(checkpoint)
+        if path is not None:
+            self.checkpointer.load(path)
+            log.info("resumed at step %d", self.step)
+
+    def load_weights(self, checkpoint: str) -> None:
+        """The model of `checkpoint` ('auto': the latest), for eval or export."""
+        path = self.checkpointer.resolve(checkpoint)
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint under {self.checkpointer.root}")
+        Checkpointer(path.parent, self.checkpoint_parts(weights_only=True), optional=("bank",)).load(path)
+
     # ------------------------------------------------------------------------------------------------ steps
 
-    def build_content_source(self) -> BankContent | RecomputeContent | None:
-        encoder = self.model.dense.content
-        mode = bank_mode(self.cfg)
-        if mode == "bank":
-            assert self.bank is not None
-            return BankContent(
-                self.cfg.memory_bank, self.bank, encoder, self.dtype, self.cfg.training.seed, self.info.rank
-            )
-        if mode == "recompute":
-            collator = self.train_stream.dataset.collator
-            catalog = load_catalog(Path(self.cfg.data.path) / "items.parquet", collator)
-            log.info("recompute mode: %d items in the catalog", len(catalog))
-            return RecomputeContent(catalog.to(self.info.device), encoder, self.dtype)
-        return None
-
-    def forward(self, batch: Batch, mode: str = TRAIN) -> tuple[DenseOutput, StepContent | None]:
-        """mode: train, eval (targets encoded, no dedup join) or serve (content from the bank only)."""
-        embedded = self.model.embed(batch)
-        if self.dtype != torch.float32:
-            embedded, batch = self.cast(embedded), replace(batch, dense=batch.dense.to(self.dtype))
-        if self.content_source is None:
-            if mode == SERVE:
-                raise ValueError("scoring from the bank needs memory_bank.enabled with mode 'bank'")
-            return self.engine(batch, embedded), None
-        content = self.content_source.prepare(batch, embedded, self.step, mode)
-        embedded.history_content = content.histories
-        return self.engine(batch, embedded, content.target), content
-
-    def cast(self, embedded: Embedded) -> Embedded:
-        histories = {k: (v.to(self.dtype), m) for k, (v, m) in embedded.histories.items()}
-        pooled, target = embedded.pooled.to(self.dtype), embedded.target.to(self.dtype)
-        return Embedded(pooled, target, histories, embedded.history_ids, embedded.history_content)
+    def forward(self, batch: Batch, mode: str = TRAIN) -> tuple[torch.Tensor, StepOutput]:
+        """The step module on this rank's batch (already on the device) at the current step."""
+        return self.dmp(batch, self.step, mode)
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         batch = batch.to(self.info.device, non_blocking=True)
         with self.flops.measure(self.step):
-            out, content = self.forward(batch)
-            loss = self.loss(batch, out)
+            loss, output = self.forward(batch)
             self.engine.backward(loss)
         self.engine.step()
-        if content is not None:  # this step's fresh targets, for the next steps' reads
-            measure = (self.step + 1) % self.cfg.logging.log_every == 0
-            self.content_source.after_step(batch, content, self.step, measure)
+        measure = (self.step + 1) % self.cfg.logging.log_every == 0
+        self.step_module.after_step(batch, output, self.step, measure)
         return loss.detach()
-
-    @torch.no_grad()
-    def warm_up_bank(self) -> None:
-        """Encode this rank's share of items.parquet (eval mode) into the bank; visible to every later read."""
-        assert self.bank is not None
-        collator = self.train_stream.dataset.collator
-        catalog = load_catalog(
-            Path(self.cfg.data.path) / "items.parquet", collator, self.info.rank, self.info.world_size
-        ).to(self.info.device)
-        self.engine.eval()
-        vectors = [
-            self.model.dense.content(*catalog.inputs(rows)).to(self.bank.dtype)
-            for rows in torch.arange(len(catalog), device=self.info.device).split(WARM_UP_BATCH)
-        ]
-        self.engine.train()
-        if vectors:
-            self.bank.warm_up(catalog.item_ids, torch.cat(vectors), step=self.step)
-        else:
-            self.bank.warm_up(catalog.item_ids, torch.zeros(0, self.bank.dim), step=self.step)
-        stats = self.bank.stats(reduce=True)
-        log.info("bank warmed up from items.parquet: %d rows filled", stats["filled"])
 
     def enter_phase(self, phase: int) -> None:
         """EM3's LoRA phases: new trainable set and history lengths, so a new DeepSpeed engine (optimizer and LR
@@ -184,7 +223,8 @@ class Trainer:
         release(self.engine)
         left = self.cfg.training.steps - self.cfg.lora.phase2_start
         self.engine = wrap_dense(self.cfg, self.model.dense, self.info.world_size, schedule_steps=left)
-        self.phase = phase
+        self.step_module.use_dense_engine(self.engine)
+        self.state.phase = phase
         log.info(
             "step %d: LoRA phase %d (histories %s, %s trainable dense parameters)",
             self.step,
@@ -193,42 +233,15 @@ class Trainer:
             self.count_params(True),
         )
 
-    def loss(self, batch: Batch, out: DenseOutput) -> torch.Tensor:
-        """BCE (objective "ranking"), plus λ·SQDC between the query and the target item's content vector and
-        EM3's CIC between the content and ID projections, when configured."""
-        cfg = self.cfg.training
-        if cfg.objective == "ranking":
-            loss = bce_loss(out.logits, batch.labels[:, 0], batch.valid)
-        else:  # the two-stage baseline's first stage: contrastive losses only (zero keeps the graph)
-            loss = out.logits.float().sum() * 0.0
-        if cfg.cic_weight > 0 and out.cic is not None:
-            content, ids = out.cic
-            loss = loss + cfg.cic_weight * cic_loss(
-                content, ids, batch.valid, cfg.cic_temperature, item_ids=batch.item_id
-            )
-        if cfg.sqdc_weight > 0 and out.query is not None and out.content is not None:
-            sqdc = sqdc_loss(
-                out.query,
-                out.content,
-                batch.labels[:, 0],
-                batch.query_id,
-                batch.valid,
-                cfg.sqdc_temperature,
-                cfg.sqdc_session_mask,
-            )
-            loss = loss + cfg.sqdc_weight * sqdc
-        return loss
-
     @torch.no_grad()
     def evaluate(self, from_bank: bool = False) -> dict[str, float]:
         """Metrics on the eval split; `from_bank`: the serving path (content vectors read from the bank only,
         the encoder does not run)."""
         self.engine.eval()
         accumulator = EvalAccumulator()
-        stream = make_batch_stream(self.cfg, "eval", self.info.rank, self.info.world_size)
-        for batch in stream:
+        for batch in self.batches("eval"):
             batch = batch.to(self.info.device, non_blocking=True)
-            out, _ = self.forward(batch, SERVE if from_bank else EVAL)
+            _, out = self.forward(batch, SERVE if from_bank else EVAL)
             accumulator.add(
                 out.logits.float(), batch.labels[:, 0], batch.user_id, batch.query_id, batch.cold, batch.valid
             )
@@ -239,6 +252,8 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg.training
+        if self.step == 0 and self.content_source is not None:
+            self.content_source.start(self.step)
         batches = iter(self.train_stream)
         show = self.info.is_main and self.cfg.logging.progress_bar
         # Redrawn often on a terminal; in a log file a line every 30 s is plenty.
@@ -292,19 +307,8 @@ class Trainer:
             values["mfu"] = mfu
         values["skipped_samples"] = float(sum(self.train_stream.skipped.values()))
         if self.content_source is not None:
-            values.update(self.content_values(self.content_source))
+            values.update(self.content_source.metrics(self.info.device))
         self.metrics.log(self.step, "train", values)
-        return values
-
-    def content_values(self, source: BankContent | RecomputeContent) -> dict[str, float]:
-        # the last step's hit rate per history (bank: held; recompute: in the catalog)
-        values = {f"bank_coverage_{name}": float(share) for name, share in source.coverage.items()}
-        if source.staleness is not None:  # summed over ranks: cosine sum, targets held, targets
-            totals = source.staleness.to(self.info.device)
-            dist.all_reduce(totals)
-            values["bank_staleness_cosine"] = (totals[0] / totals[1].clamp(min=1)).item()
-            values["bank_target_hit"] = (totals[1] / totals[2].clamp(min=1)).item()
-            source.staleness = None
         return values
 
     def log_eval(self, values: dict[str, float]) -> None:

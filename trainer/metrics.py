@@ -1,4 +1,4 @@
-"""Offline ranking metrics (SPEC: AUC and QAUC) and their distributed collection.
+"""Offline ranking metrics (AUC, and QAUC as LEMUR defines it) and their distributed collection.
 
 Everything is rank-based and vectorised in NumPy: an eval pass of tens of millions of rows is scored in
 seconds on the host, with no Python loop per user or query.

@@ -30,11 +30,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             logging.getLogger("lemur").info("resolved config:\n%s", config_to_toml(cfg))
         trainer = Trainer(cfg, info)
         if resume:
-            path = trainer.checkpointer.resolve(resume)
-            if path is not None:
-                trainer.checkpointer.load(path)
-        if cfg.memory_bank.warm_up and trainer.bank is not None and trainer.step == 0:
-            trainer.warm_up_bank()
+            trainer.resume(resume)
         results = trainer.fit()
         trainer.close()
         return results

@@ -17,10 +17,11 @@ class Tokens:
 @dataclass
 class Batch:
     sparse: KeyedJaggedTensor
-    """Pooled id features (EmbeddingBagCollection): user_id, query_id (search), then the spec's sparse features."""
+    """Pooled id features (EmbeddingBagCollection): user_id, query_id (search), then the spec's sparse features.
+    Table rows when the reader hashes ids (the trainer's reader does), else raw ids."""
     sequences: KeyedJaggedTensor
     """Item-id sequences (EmbeddingCollection, one shared item table): item_id (the target, length 1), then the
-    user-history sequences, most recent last."""
+    user-history sequences, most recent last. Table rows or raw ids, as `sparse`."""
     dense: torch.Tensor
     """[B, num_dense] float32."""
     text: dict[str, Tokens]
@@ -42,6 +43,9 @@ class Batch:
     """[B] bool: the item never appears in train (eval shards)."""
     valid: torch.Tensor
     """[B] bool: False for padding rows (eval pads so every rank has full, equal batches)."""
+    raw_histories: KeyedJaggedTensor | None = None
+    """The history sequences' raw item ids (same lengths as in `sequences`), when the reader keeps them: the memory
+    bank and the recompute baseline look items up by raw id, not by table row."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Bad samples dropped while this batch was built, by reason."""
     reader: int = 0

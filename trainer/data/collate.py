@@ -11,6 +11,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from transformers import PreTrainedTokenizerFast
 
+from embeddings.tables import hash_kjt
 from trainer.config.schema import ConfigError
 from trainer.data.batch import Batch, Tokens
 from trainer.data.spec import DatasetSpec
@@ -22,6 +23,11 @@ class CollateSpec:
 
     id_features: list[str]
     sparse_features: list[str]
+    pooled_keys: list[str]
+    """Pooled (EmbeddingBagCollection) features: every id but the item, then the sparse features."""
+    sequence_keys: list[str]
+    """Item-id sequences (EmbeddingCollection): the target item (length 1), then the histories; they share one
+    item table, so target and history embeddings live in one space."""
     sequences: list[str]
     history_lengths: dict[str, int]
     """History -> items kept (the most recent), model.max_history applied."""
@@ -33,17 +39,11 @@ class CollateSpec:
     image_size: int
     images_per_sample: int
     num_labels: int
-
-    @property
-    def pooled_keys(self) -> list[str]:
-        """Pooled (EmbeddingBagCollection) features: every id but the item, then the sparse features."""
-        return [k for k in self.id_features if k != "item_id"] + self.sparse_features
-
-    @property
-    def sequence_keys(self) -> list[str]:
-        """Item-id sequences (EmbeddingCollection): the target item (length 1), then the histories; they share
-        one item table, so target and history embeddings live in one space."""
-        return ["item_id"] + self.sequences
+    table_rows: dict[str, int] | None = None
+    """Hash every id into its table's rows (the trainer's table plan), so the sharded collections take the batch
+    as it is; None: the batch keeps raw ids."""
+    raw_histories: bool = False
+    """Also keep the histories' raw item ids (`Batch.raw_histories`, for the memory bank)."""
 
 
 def history_lengths(spec: DatasetSpec, max_history: dict[str, int] | None = None) -> dict[str, int]:
@@ -64,6 +64,8 @@ def collate_spec(
     image_size: int,
     images_per_sample: int,
     max_history: dict[str, int] | None = None,
+    table_rows: dict[str, int] | None = None,
+    raw_histories: bool = False,
 ) -> CollateSpec:
     missing = [f for f in text_fields if f not in spec.text]
     if missing:
@@ -71,6 +73,8 @@ def collate_spec(
     return CollateSpec(
         id_features=spec.id_features,
         sparse_features=list(spec.sparse),
+        pooled_keys=spec.pooled_features,
+        sequence_keys=spec.sequence_features,
         sequences=list(spec.history),
         history_lengths=history_lengths(spec, max_history),
         dense=list(spec.dense),
@@ -79,6 +83,8 @@ def collate_spec(
         image_size=image_size,
         images_per_sample=min(images_per_sample, spec.images),
         num_labels=len(spec.labels),
+        table_rows=dict(table_rows) if table_rows is not None else None,
+        raw_histories=raw_histories,
     )
 
 
@@ -148,9 +154,20 @@ class Collator:
         def column(name: str, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor([x[name] for x in samples], dtype=dtype)
 
+        sparse, sequences = jagged(s.pooled_keys, pooled_rows), jagged(s.sequence_keys, sequence_rows)
+        raw_histories = None
+        if (
+            s.raw_histories
+        ):  # the histories follow the target item (one id per sample) in the key-major values
+            n = len(samples)
+            raw_histories = KeyedJaggedTensor(
+                keys=s.sequences, values=sequences.values()[n:], lengths=sequences.lengths()[n:]
+            )
+        if s.table_rows is not None:
+            sparse, sequences = hash_kjt(sparse, s.table_rows), hash_kjt(sequences, s.table_rows)
         return Batch(
-            sparse=jagged(s.pooled_keys, pooled_rows),
-            sequences=jagged(s.sequence_keys, sequence_rows),
+            sparse=sparse,
+            sequences=sequences,
             dense=torch.tensor([x["dense"] for x in samples], dtype=torch.float32).reshape(
                 len(samples), len(s.dense)
             ),
@@ -168,4 +185,5 @@ class Collator:
             timestamp=column("timestamp", torch.int64),
             cold=column("cold", torch.bool),
             valid=torch.tensor(valid if valid is not None else [True] * len(samples), dtype=torch.bool),
+            raw_histories=raw_histories,
         )

@@ -32,7 +32,7 @@ from trainer.config.schema import Config
 from trainer.data.batch import Batch
 from trainer.data.collate import CollateSpec, Collator, collate_spec, empty_sample
 from trainer.data.decode import BadSample, Limits, RawSample, SkipCounter, parse_sample, tar_samples
-from trainer.data.sources import ShardRef, assign_shards, epoch_order, expand_shards, reader_sample_counts
+from trainer.data.shard_lists import ShardRef, assign_shards, epoch_order, expand_shards, reader_sample_counts
 from trainer.data.spec import DatasetSpec, read_spec
 from trainer.data.tokenizer import resolve_tokenizer
 
@@ -278,28 +278,6 @@ class BatchStream:
         return f"reader: skipped {total} bad samples ({parts})"
 
 
-def build_dataset(
-    spec: DatasetSpec,
-    shards: list[ShardRef],
-    tokenizer: Any,
-    settings: ReaderSettings,
-    text_fields: dict[str, int],
-    query_tokens: int,
-    rank: int = 0,
-    world_size: int = 1,
-    max_history: dict[str, int] | None = None,
-) -> ShardDataset:
-    collate = collate_spec(
-        spec,
-        text_fields,
-        query_tokens,
-        settings.limits.image_size,
-        settings.limits.images_per_sample,
-        max_history,
-    )
-    return ShardDataset(shards, spec, collate, tokenizer, settings, rank, world_size)
-
-
 def make_batch_stream(
     cfg: Config,
     split: str,
@@ -307,13 +285,18 @@ def make_batch_stream(
     world_size: int = 1,
     epochs: int | None = None,
     pin_memory: bool = False,
+    table_rows: dict[str, int] | None = None,
+    raw_histories: bool = False,
 ) -> BatchStream:
-    """The reader for `split` ("train" or "eval") of cfg.data.path, as configured."""
+    """The reader for `split` ("train" or "eval") of cfg.data.path, as configured. `table_rows`: hash the ids into
+    these table rows in the reader (what the trainer's sharded tables read); `raw_histories`: also keep the
+    histories' raw item ids (`Batch.raw_histories`)."""
     data, model = cfg.data, cfg.model
     spec = read_spec(data.path)
     pattern = data.train_shards if split == "train" else data.eval_shards
     shards = expand_shards(pattern, data.path, split, spec)
     tokenizer = resolve_tokenizer(data.tokenizer, data.path, spec.text, data.vocab_size)
+    images = data.images_per_sample if model.use_images else 0
     settings = ReaderSettings(
         batch_size=data.batch_size,
         training=split == "train",
@@ -321,20 +304,17 @@ def make_batch_stream(
         shuffle_buffer=data.shuffle_buffer,
         seed=data.seed,
         bad_input=data.bad_input,
-        limits=Limits(
-            data.max_text_chars, data.image_size, data.images_per_sample if model.use_images else 0
-        ),
+        limits=Limits(data.max_text_chars, data.image_size, images),
     )
-    text_fields = dict(zip(model.text_fields, model.text_max_tokens))
-    dataset = build_dataset(
+    collate = collate_spec(
         spec,
-        shards,
-        tokenizer,
-        settings,
-        text_fields,
+        dict(zip(model.text_fields, model.text_max_tokens)),
         model.query_max_tokens,
-        rank,
-        world_size,
+        data.image_size,
+        images,
         model.max_history,
+        table_rows,
+        raw_histories,
     )
+    dataset = ShardDataset(shards, spec, collate, tokenizer, settings, rank, world_size)
     return BatchStream(dataset, pin_memory=pin_memory, epochs=epochs if split == "train" else 1)

@@ -75,6 +75,22 @@ class DatasetSpec:
         ids = ["user_id", "item_id"]
         return ids + (["query_id"] if self.scenario == "search" else [])
 
+    @property
+    def pooled_features(self) -> list[str]:
+        """The pooled id features (one EmbeddingBagCollection table each): every id but the item, then the sparse
+        features."""
+        return [k for k in self.id_features if k != "item_id"] + list(self.sparse)
+
+    @property
+    def sequence_features(self) -> list[str]:
+        """The item-id sequences (one shared item table): the target item (length 1), then the histories."""
+        return ["item_id", *self.history]
+
+    def feature_cardinalities(self) -> dict[str, int]:
+        """Distinct values per id feature where known (sizes the tables)."""
+        sparse = {k: v["cardinality"] for k, v in self.sparse.items() if v.get("cardinality")}
+        return {**sparse, **self.cardinalities}
+
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, **asdict(self)}
 

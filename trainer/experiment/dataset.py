@@ -29,7 +29,7 @@ def ensure_dataset(out: Path, preset: str, overrides: list[str], log: Any = prin
         log(f"data: reusing {data}")
         return 0.0
     from trainer.config.schema import SynthConfig
-    from trainer.data.synth.generate import synthesize
+    from trainer.dataset_tools.synth.generate import synthesize
 
     stamp.unlink(missing_ok=True)
     shutil.rmtree(data, ignore_errors=True)

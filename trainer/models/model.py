@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from embeddings.tables import SparseArch, TablePlan
-from trainer.config.schema import Config, ConfigError
+from embeddings.tables import SparseArch, TablePlan, plan_tables
+from trainer.config.schema import Config, ConfigError, EmbeddingsConfig
 from trainer.data.batch import Batch
 from trainer.data.collate import history_lengths
 from trainer.data.spec import DatasetSpec
@@ -45,7 +45,7 @@ class DenseOutput:
 
 def history_content_dims(cfg: Config, spec: DatasetSpec) -> dict[str, int]:
     """Per history, the width of the content vector its tokens carry (0: ID embeddings only)."""
-    bank = cfg.memory_bank.enabled and cfg.model.use_content
+    bank = cfg.memory_bank.enabled
     unknown = [n for n in cfg.model.no_content_histories if n not in spec.history]
     if unknown:
         raise ConfigError(
@@ -128,11 +128,7 @@ class DenseArch(nn.Module):
         history_dim = sum(self.history_features(name, dim) for name in self.history_names)
         self.ranker = build_ranker(model, context_dim + history_dim)
         self.cic = self.build_cic(cfg) if cfg.training.cic_weight > 0 and self.content is not None else None
-        if cfg.lora.rank > 0:
-            if self.decoders is None:
-                raise ConfigError(
-                    "lora.rank: LoRA adapts the LONGER decoders; set model.history_encoder=longer"
-                )
+        if cfg.lora.rank > 0:  # the config makes sure the LONGER decoders exist
             add_lora(self.sequence_model(), cfg.lora.rank, cfg.lora.alpha)
 
     def history_features(self, name: str, dim: int) -> int:
@@ -231,6 +227,9 @@ class DenseArch(nn.Module):
 
 
 class LemurModel(nn.Module):
+    """The sparse arch (ID tables) and the dense arch, and `embed`, which turns a batch's table rows into the
+    embeddings the dense arch reads. The step (content source, dense forward, loss) is `trainer/step.py`."""
+
     def __init__(self, sparse: SparseArch, dense: DenseArch, history_lengths: dict[str, int]) -> None:
         super().__init__()
         self.sparse = sparse
@@ -241,13 +240,23 @@ class LemurModel(nn.Module):
         pooled, sequences = self.sparse(batch.sparse, batch.sequences)
         target, _ = padded(sequences["item_id"], 1)
         histories = {name: padded(sequences[name], n) for name, n in self.history_lengths.items()}
-        raw = batch.sequences.to_dict()
-        history_ids = {name: padded(raw[name], n)[0] for name, n in self.history_lengths.items()}
+        history_ids = {}
+        if batch.raw_histories is not None:
+            raw = batch.raw_histories.to_dict()
+            history_ids = {name: padded(raw[name], n)[0] for name, n in self.history_lengths.items()}
         return Embedded(pooled, target[:, 0], histories, history_ids)
 
-    def forward(self, batch: Batch) -> DenseOutput:
-        """Single-process reference path (no DMP, no DeepSpeed): embed, then the dense arch."""
-        return self.dense(batch, self.embed(batch))
+
+def plan_id_tables(spec: DatasetSpec, cfg: EmbeddingsConfig) -> TablePlan:
+    """The ID tables for the dataset's features, sized by `embeddings`."""
+    return plan_tables(
+        spec.pooled_features,
+        spec.sequence_features,
+        spec.feature_cardinalities(),
+        cfg.dim,
+        cfg.hash_size,
+        cfg.hash_sizes,
+    )
 
 
 def build_model(

@@ -54,10 +54,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from trainer.data.shards import ShardWriter, encode_record, shard_name
 from trainer.data.spec import INT64_MAX, DatasetSpec, ShardInfo, write_spec
-from trainer.data.synth.content import stable_id
 from trainer.data.tokenizer import train_tokenizer
+from trainer.dataset_tools.shard_writer import ShardWriter, encode_record, shard_name
+from trainer.dataset_tools.synth.content import stable_id
 
 REQUIRED = ("user_id", "item_id", "timestamp")
 OPTIONAL_IDS = ("query_id", "session_id", "request_id")

@@ -1,41 +1,50 @@
-"""Where a step's content vectors come from, with `memory_bank.enabled`: the target items' vectors and the
-history items' vectors that the history tokens carry (ID embedding ⊕ content).
+"""LEMUR's memory bank as a step's content source.
 
-- `BankContent` (LEMUR): targets are encoded (a share p forward, q of them with gradient: encoder sampling; the rest
-  read the bank), histories read the bank by item id without gradient, and entries encoded in this step on any rank
-  take the fresh vector (the dedup join). After the step the fresh vectors are written. At serving time nothing is
-  encoded: targets and histories come from the bank only.
-- `RecomputeContent` (the naive end-to-end baseline): every history item is re-encoded from raw content at every
-  step, with gradient (items deduplicated within the batch first), from an in-memory item catalog.
+Targets are encoded (a share p forward, q of them with gradient: encoder sampling; the rest read the bank),
+histories read the bank by item id without gradient, and entries encoded in this step on any rank take the fresh
+vector (the dedup join). After the step the fresh vectors are written. At serving time nothing is encoded: targets
+and histories come from the bank only. The source also owns the bank's life around the loop: its size, the warm-up
+from items.parquet before a fresh run, and LEMUR's staleness and coverage metrics.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from embeddings.memory_bank import MemoryBank
 from trainer.config.schema import MemoryBankConfig
+from trainer.content.source import (
+    EVAL,
+    SERVE,
+    TRAIN,
+    Encoder,
+    StepContent,
+    coverage_values,
+    flat_histories,
+    hit_shares,
+)
 from trainer.data.batch import Batch, Tokens
-from trainer.data.items import ItemCatalog
+from trainer.data.item_catalog import ItemsParquet
 from trainer.models.model import Embedded
 
-Encoder = Callable[[dict[str, Tokens], torch.Tensor, torch.Tensor], torch.Tensor]
-TRAIN, EVAL, SERVE = "train", "eval", "serve"
+log = logging.getLogger("lemur")
+CAPACITY_PER_ITEM = 8
+"""Default bank rows per known item: a direct-mapped cache at load factor a misses about a/2 of the items
+(1 - (1 - e^-a) / a): 6% at 1/8, 21% at 1/2."""
+WARM_UP_BATCH = 256
 
 
-@dataclass
-class StepContent:
-    target: torch.Tensor
-    """[B, C] the target items' content vectors (fresh, or read from the bank)."""
-    fresh: torch.Tensor
-    """[B] bool: rows whose target the encoder ran on in this step (they are written to the bank)."""
-    histories: dict[str, torch.Tensor]
-    """Per history: [B, L, C] content vectors (zeros where unknown or masked out)."""
+def build_bank(cfg: MemoryBankConfig, items: int, dim: int, device: torch.device) -> MemoryBank:
+    """The bank for `items` known items (capacity: cfg.capacity, or CAPACITY_PER_ITEM rows per item)."""
+    capacity = cfg.capacity or CAPACITY_PER_ITEM * max(1, items)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    return MemoryBank(capacity, dim, dtype=dtype, device=device, max_staleness=cfg.max_staleness)
 
 
 @dataclass
@@ -70,26 +79,9 @@ def encode_rows(encoder: Encoder, batch: Batch, rows: torch.Tensor, grad: bool) 
         return encoder(text, batch.images[rows], batch.image_mask[rows])
 
 
-def flat_histories(embedded: Embedded) -> tuple[list[str], list[int], torch.Tensor, torch.Tensor]:
-    """All histories side by side along the sequence axis: names, lengths, ids [B, ΣL], mask [B, ΣL]."""
-    names = list(embedded.history_ids)
-    lengths = [embedded.history_ids[n].shape[1] for n in names]
-    ids = torch.cat([embedded.history_ids[n] for n in names], dim=1)
-    mask = torch.cat([embedded.histories[n][1] for n in names], dim=1)
-    return names, lengths, ids, mask
-
-
-def hit_shares(names: list[str], lengths: list[int], hits: torch.Tensor, mask: torch.Tensor) -> dict:
-    shares = {}
-    for name, hit_part, mask_part in zip(names, hits.split(lengths, 1), mask.split(lengths, 1)):
-        asked = mask_part.sum()
-        shares[name] = torch.where(asked > 0, hit_part.sum() / asked.clamp(min=1), 1.0)
-    return shares
-
-
 class BankContent:
     """LEMUR's path: see the module docstring. `coverage` (per history, last step) and the staleness totals are
-    read by the trainer's log line."""
+    what `metrics()` reports."""
 
     def __init__(
         self,
@@ -99,15 +91,19 @@ class BankContent:
         dtype: torch.dtype,
         seed: int,
         rank: int,
+        items: ItemsParquet | None = None,
     ) -> None:
         self.cfg, self.bank, self.encoder, self.dtype = cfg, bank, encoder, dtype
         self.seed, self.rank = seed, rank
+        self.items = items
         self.coverage: dict[str, torch.Tensor] = {}
         self.staleness: torch.Tensor | None = None
 
     @property
     def sampling(self) -> bool:
         return self.cfg.forward_share < 1.0 or self.cfg.backward_share < 1.0
+
+    # ------------------------------------------------------------------------------------------- the step
 
     def prepare(self, batch: Batch, embedded: Embedded, step: int, mode: str) -> StepContent:
         names, lengths, ids, mask = flat_histories(embedded)
@@ -168,42 +164,49 @@ class BankContent:
             self.measure_staleness(ids, fresh, step)
         self.bank.write(ids, fresh, step)
 
+    # ------------------------------------------------------------------------------------ around the loop
+
+    def start(self, step: int) -> None:
+        if self.cfg.warm_up:
+            self.warm_up(step)
+
+    @torch.no_grad()
+    def warm_up(self, step: int) -> None:
+        """Encode this rank's share of items.parquet (the encoder in eval mode) into the bank, a chunk at a time;
+        visible to every later read. A collective."""
+        if self.items is None:
+            raise ValueError("the bank's warm-up needs the item catalog (items.parquet)")
+        device, training = self.bank.device, self.encoder.training
+        self.encoder.eval()
+        for chunk in self.items.chunks(self.bank.rank, self.bank.world_size):
+            chunk = chunk.to(device)
+            vectors = [
+                self.encoder(*chunk.inputs(rows)).to(self.bank.dtype)
+                for rows in torch.arange(len(chunk), device=device).split(WARM_UP_BATCH)
+            ]
+            encoded = torch.cat(vectors) if vectors else torch.zeros(0, self.bank.dim, device=device)
+            self.bank.warm_up(chunk.item_ids, encoded, step=step)
+        self.encoder.train(training)
+        stats = self.bank.stats(reduce=True)
+        log.info("bank warmed up from %s: %d rows filled", self.items.path, stats["filled"])
+
     def measure_staleness(self, ids: torch.Tensor, fresh: torch.Tensor, step: int) -> None:
         """Cosine between the encoder's output for this step's targets and the vectors the bank still holds for
-        them (on the targets it holds), and the share it holds. Summed here; the log line reduces over ranks."""
+        them (on the targets it holds), and the share it holds. Summed here; `metrics` reduces over ranks."""
         cached, hit = self.bank.read(ids, step, dtype=torch.float32)
         cosine = F.cosine_similarity(cached[hit], fresh[hit].float(), dim=-1)
         totals = [cosine.sum(), hit.sum().float(), torch.tensor(float(hit.numel()), device=hit.device)]
         self.staleness = torch.stack(totals).to(torch.float64)
 
-
-class RecomputeContent:
-    """The naive end-to-end baseline: every history item is encoded from raw content at every step (with gradient
-    in training). Items are deduplicated within the batch first, which only makes the baseline faster."""
-
-    def __init__(self, catalog: ItemCatalog, encoder: Encoder, dtype: torch.dtype) -> None:
-        self.catalog, self.encoder, self.dtype = catalog, encoder, dtype
-        self.coverage: dict[str, torch.Tensor] = {}
-        self.staleness: torch.Tensor | None = None
-
-    def prepare(self, batch: Batch, embedded: Embedded, step: int, mode: str) -> StepContent:
-        if mode == SERVE:
-            raise ValueError("memory_bank.mode = 'recompute' has no bank to serve from")
-        names, lengths, ids, mask = flat_histories(embedded)
-        target = self.encoder(batch.text, batch.images, batch.image_mask)
-        unique, inverse = torch.unique(ids[mask], return_inverse=True)
-        rows, found = self.catalog.rows_of(unique)
-        known = found.nonzero().squeeze(1)
-        table = target.new_zeros(unique.numel(), target.shape[1])
-        if known.numel():
-            encoded = self.encoder(*self.catalog.inputs(rows[known]))
-            table = table.index_put((known,), encoded.to(table.dtype))
-        flat = target.new_zeros(*ids.shape, target.shape[1])
-        flat = flat.index_put((mask,), table[inverse])
-        hits = torch.zeros_like(mask)
-        hits[mask] = found[inverse]
-        self.coverage = hit_shares(names, lengths, hits, mask)
-        return StepContent(target, batch.valid.clone(), dict(zip(names, flat.split(lengths, 1))))
-
-    def after_step(self, batch: Batch, content: StepContent, step: int, measure: bool) -> None:
-        pass
+    def metrics(self, device: torch.device) -> dict[str, float]:
+        """The last step's hit rate per history and, when measured since the last call, the staleness cosine and
+        the share of targets held, over all ranks (a collective then: every rank measured the same steps)."""
+        values = coverage_values(self.coverage)
+        if self.staleness is not None:  # summed over ranks: cosine sum, targets held, targets
+            totals = self.staleness.to(device)
+            if dist.is_initialized():
+                dist.all_reduce(totals)
+            values["bank_staleness_cosine"] = (totals[0] / totals[1].clamp(min=1)).item()
+            values["bank_target_hit"] = (totals[1] / totals[2].clamp(min=1)).item()
+            self.staleness = None
+        return values

@@ -11,7 +11,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from trainer.data.synth.world import ITEM_IMAGE, ITEM_TEXT, WORLD, World, stream
+from trainer.dataset_tools.synth.world import ITEM_IMAGE, ITEM_TEXT, WORLD, World, stream
 
 SYLLABLES = [
     "ba",

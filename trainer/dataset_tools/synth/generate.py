@@ -21,10 +21,11 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from trainer.config.schema import SynthConfig
-from trainer.data.shards import ShardWriter, encode_record, shard_name
 from trainer.data.spec import DatasetSpec, ShardInfo, write_spec
-from trainer.data.synth.content import TEXT_FIELDS, ContentRenderer, stable_id
-from trainer.data.synth.world import (
+from trainer.data.tokenizer import train_tokenizer
+from trainer.dataset_tools.shard_writer import ShardWriter, encode_record, shard_name
+from trainer.dataset_tools.synth.content import TEXT_FIELDS, ContentRenderer, stable_id
+from trainer.dataset_tools.synth.world import (
     EPOCH,
     SECONDS_PER_DAY,
     SHARD,
@@ -34,7 +35,6 @@ from trainer.data.synth.world import (
     sample_topic_items,
     user_timeline,
 )
-from trainer.data.tokenizer import train_tokenizer
 
 SPLITS = ("train", "eval")
 DEVICES = 4
