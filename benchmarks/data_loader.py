@@ -6,7 +6,8 @@ Modes (the shard shapes of the `lemur` and `em3` presets, on small synthetic dat
   em3-image    EM3: one 224x224 JPEG per sample decoded to uint8, text at 32/64/16 tokens, histories of 50 and 500
   em3-text     the em3 shards with images off (the JPEG bytes are still read, never decoded)
 
-Each point builds the train BatchStream exactly as training does (`make_batch_stream(cfg, "train")`), skips the first
+Each point builds the train BatchStream exactly as training does (`make_batch_stream(cfg, "train")` with the ids hashed
+into the run's tables and, with the memory bank, the raw history ids kept), skips the first
 batches (worker start-up, shuffle-buffer fill) and counts samples for --seconds. Alongside, one worker-less pass per
 mode times the stages (tar reading, JSON parse, validation, image decode, tokenisation, KJT building, the rest of
 collate) on the same samples, so the report says where the time goes. The shards are read from the page cache: this
@@ -57,7 +58,8 @@ from trainer.data import decode as decode_module  # noqa: E402
 from trainer.data.decode import SkipCounter, decode_image, parse_sample, tar_samples  # noqa: E402
 from trainer.data.reader import BatchStream, make_batch_stream  # noqa: E402
 from trainer.data.spec import read_spec  # noqa: E402
-from trainer.data.synth.generate import synthesize  # noqa: E402
+from trainer.dataset_tools.synth.generate import synthesize  # noqa: E402
+from trainer.models.model import plan_id_tables  # noqa: E402
 
 GOALS = {"text": 20_000, "image": 5_000}
 """The issue's goal on a 16-core GPU host, samples/s."""
@@ -203,6 +205,19 @@ def mode_config(mode: Mode, path: Path, workers: int, args: argparse.Namespace) 
 # ------------------------------------------------------------------------------------------------- throughput
 
 
+def train_stream(cfg: Config, pin_memory: bool = False) -> BatchStream:
+    """The train stream as the trainer builds it (`Trainer.batches`)."""
+    rows = plan_id_tables(read_spec(cfg.data.path), cfg.embeddings).rows
+    return make_batch_stream(
+        cfg,
+        "train",
+        epochs=None,
+        pin_memory=pin_memory,
+        table_rows=rows,
+        raw_histories=cfg.memory_bank.enabled,
+    )
+
+
 def measure(mode: Mode, path: Path, workers: int, args: argparse.Namespace) -> dict[str, Any]:
     """Samples/s of the train stream after a warm-up: every worker has delivered --warmup batches before the clock
     starts, and the clock stops after a whole round of batches (one from each worker). CPU time is counted too (this
@@ -210,7 +225,7 @@ def measure(mode: Mode, path: Path, workers: int, args: argparse.Namespace) -> d
     samples per CPU-second."""
     cfg = mode_config(mode, path, workers, args)
     started = time.perf_counter()
-    stream = make_batch_stream(cfg, "train", epochs=None, pin_memory=args.pin_memory)
+    stream = train_stream(cfg, pin_memory=args.pin_memory)
     batches = iter(stream)
     next(batches)
     first_batch = time.perf_counter() - started
@@ -340,7 +355,7 @@ def stage_breakdown(mode: Mode, path: Path, args: argparse.Namespace) -> dict[st
 
 def _stage_breakdown(mode: Mode, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     cfg = mode_config(mode, path, 0, args)
-    ds = make_batch_stream(cfg, "train", epochs=None).dataset
+    ds = train_stream(cfg).dataset
     collator, limits, r = ds.collator, ds.settings.limits, args.breakdown_repeats
     n = max(1, args.breakdown_samples // args.batch_size) * args.batch_size
     urls = list(dict.fromkeys(s.url for s in ds.shards))
@@ -361,7 +376,11 @@ def _stage_breakdown(mode: Mode, path: Path, args: argparse.Namespace) -> dict[s
     t_collate, within, _ = best_of(
         r,
         lambda: [collator(chunk) for chunk in chunks],
-        {"tokens": (collator, "tokens"), "kjt": (collate_module, "jagged")},
+        {
+            "tokens": (collator, "tokens"),
+            "kjt": (collate_module, "jagged"),
+            "hash": (collate_module, "hash_kjt"),
+        },
     )
     stages = {
         "tar read": t_tar,
@@ -372,8 +391,9 @@ def _stage_breakdown(mode: Mode, path: Path, args: argparse.Namespace) -> dict[s
         stages["image decode"] = inside["image"]
     stages["tokenise (text fields + query)"] = within["tokens"]
     stages["KJTs (ids, histories)"] = within["kjt"]
+    stages["hash ids into table rows"] = within["hash"]
     stages["rest of collate" + (" (image copy, columns)" if mode.images else " (columns)")] = max(
-        0.0, t_collate - within["tokens"] - within["kjt"]
+        0.0, t_collate - within["tokens"] - within["kjt"] - within["hash"]
     )
     out: dict[str, Any] = {
         "mode": mode.name,
@@ -387,7 +407,7 @@ def _stage_breakdown(mode: Mode, path: Path, args: argparse.Namespace) -> dict[s
         out["jpeg_bytes"] = sum(len(x.members.get("jpg", b"")) for x in raws) / n
         out["textured_jpeg"] = textured_jpeg_cost(limits.image_size)
     if args.profile:
-        out["profile"] = profile(make_batch_stream(cfg, "train", epochs=None), args)
+        out["profile"] = profile(train_stream(cfg), args)
     return out
 
 

@@ -291,7 +291,7 @@ def e2e_synth_overrides(args: argparse.Namespace) -> list[str]:
 
 def ensure_e2e_data(args: argparse.Namespace) -> Path:
     """Synthesise the long-history, text-only dataset once (cached under --data-dir by its settings)."""
-    from trainer.data.synth.generate import synthesize
+    from trainer.dataset_tools.synth.generate import synthesize
 
     overrides = e2e_synth_overrides(args)
     name = "-".join(o.split("=")[1] for o in overrides[:5])
@@ -347,8 +347,10 @@ def history_stats(batches: list[Any]) -> dict[str, float]:
     recompute encodes, after its in-batch dedup)."""
     entries, distinct, samples = 0, 0, 0
     for batch in batches:
-        keys = [k for k in batch.sequences.keys() if k != "item_id"]  # noqa: SIM118 (a KJT)
-        values = torch.cat([batch.sequences[k].values() for k in keys])
+        # raw ids where the reader kept them (bank modes); else table rows, which merge colliding ids
+        histories = batch.raw_histories if batch.raw_histories is not None else batch.sequences
+        keys = [k for k in histories.keys() if k != "item_id"]  # noqa: SIM118 (a KJT)
+        values = torch.cat([histories[k].values() for k in keys])
         entries += values.numel()
         distinct += int(values.unique().numel())
         samples += batch.size

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer.config import load_config  # noqa: E402
-from trainer.data.synth.generate import synthesize  # noqa: E402
+from trainer.dataset_tools.synth.generate import synthesize  # noqa: E402
 
 
 def hardware_name() -> str:
