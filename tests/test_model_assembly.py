@@ -47,3 +47,25 @@ def test_model_trains_with_each_history_encoder(small_dataset: Path, encoder: st
         assert model.dense.decoders is not None
         assert all(p.grad is not None for p in model.dense.decoders.parameters())
         assert model.dense.query_token.weight.grad is not None
+
+
+def test_padded_keeps_the_most_recent_items_like_a_loop() -> None:
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    from trainer.models.model import padded
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([3, 0, 9, 5, 1])
+    values = torch.randn(int(lengths.sum()), 2, generator=g, requires_grad=True)
+    out, mask = padded(JaggedTensor(values=values, lengths=lengths), 5)
+    expected = torch.zeros(5, 5, 2)
+    start = 0
+    for row, n in enumerate(lengths.tolist()):
+        kept = values[start : start + n][-5:]
+        expected[row, : len(kept)] = kept.detach()
+        assert mask[row].tolist() == [i < len(kept) for i in range(5)]
+        start += n
+    assert torch.equal(out.detach(), expected)
+    out.sum().backward()
+    dropped = [3 + i for i in range(4)]  # the 4 oldest of the 9-long row
+    assert values.grad[dropped].abs().sum() == 0 and values.grad.abs().sum() == 2 * (3 + 5 + 5 + 1)

@@ -58,7 +58,10 @@ def history_content_dims(cfg: Config, spec: DatasetSpec) -> dict[str, int]:
 
 
 def padded(jt: JaggedTensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """JaggedTensor of [sum(lengths), ...] values -> ([B, max_len, ...], mask), keeping the most recent max_len."""
+    """JaggedTensor of [sum(lengths), ...] values -> ([B, max_len, ...], mask), keeping the most recent max_len.
+
+    No host sync: every value is copied to its slot, the dropped (older) ones to one spare slot past the end,
+    so nothing is indexed by a data-dependent boolean mask."""
     lengths = jt.lengths().long()
     values = jt.values()
     batch = lengths.numel()
@@ -69,9 +72,10 @@ def padded(jt: JaggedTensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     )
     position = torch.arange(values.shape[0], device=values.device) - offsets[row]
     position = position - (lengths[row] - torch.clamp(lengths[row], max=max_len))  # keep the last max_len
-    keep = position >= 0
-    out = values.new_zeros(batch, max_len, *values.shape[1:])
-    out[row[keep], position[keep]] = values[keep]
+    spare = batch * max_len
+    slot = torch.where(position >= 0, row * max_len + position, spare)
+    flat = values.new_zeros(spare + 1, *values.shape[1:]).index_copy(0, slot, values)
+    out = flat[:spare].view(batch, max_len, *values.shape[1:])
     mask = torch.arange(max_len, device=values.device)[None, :] < torch.clamp(lengths, max=max_len)[:, None]
     return out, mask
 
