@@ -215,6 +215,7 @@ def train_stream(cfg: Config, pin_memory: bool = False) -> BatchStream:
         pin_memory=pin_memory,
         table_rows=rows,
         raw_histories=cfg.memory_bank.enabled,
+        pad_to_longest=True,
     )
 
 

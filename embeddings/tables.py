@@ -90,13 +90,20 @@ def hash_ids(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def hash_kjt(kjt: KeyedJaggedTensor, rows: dict[str, int]) -> KeyedJaggedTensor:
-    """Hash every key's values into its table's row range; keys and lengths are unchanged."""
+    """Hash every key's values into its table's row range; keys, lengths and the per-key lengths and offsets
+    (kept on the host when known) are unchanged."""
     device = kjt.values().device
     sizes = torch.tensor([rows[k] for k in kjt.keys()], dtype=torch.int64, device=device)  # noqa: SIM118 (a KJT)
-    counts = torch.tensor(kjt.length_per_key(), dtype=torch.int64, device=device)
+    per_key = kjt.length_per_key()
+    counts = torch.tensor(per_key, dtype=torch.int64, device=device)
     per_value = torch.repeat_interleave(sizes, counts, output_size=kjt.values().numel())
     return KeyedJaggedTensor(
-        keys=kjt.keys(), values=hash_ids(kjt.values(), per_value), lengths=kjt.lengths(), stride=kjt.stride()
+        keys=kjt.keys(),
+        values=hash_ids(kjt.values(), per_value),
+        lengths=kjt.lengths(),
+        stride=kjt.stride(),
+        length_per_key=per_key,
+        offset_per_key=kjt.offset_per_key(),
     )
 
 

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from trainer.content import EVAL, SERVE, TRAIN, BankContent, SampledRows, sample_rows
 
 from embeddings.memory_bank import MemoryBank
 from tests.conftest import small_config
 from trainer.config.schema import MemoryBankConfig
+from trainer.content import EVAL, SERVE, TRAIN, BankContent, SampledRows, sample_rows
 from trainer.data.batch import Tokens
 
 DIM = 6
@@ -282,3 +282,51 @@ def _sampling_step(dataset: str, out: str) -> None:
 @pytest.mark.slow
 def test_encoder_sampling_in_the_trainer(small_dataset: Path, tmp_path: Path) -> None:
     in_process(_sampling_step, str(small_dataset), str(tmp_path / "run"))
+
+
+def test_device_sampler_partitions_a_full_batch_like_the_reference() -> None:
+    from trainer.content import sample_rows_on_device
+
+    for p, q in ((0.45, 0.2), (1.0, 1.0), (0.2, 0.0)):
+        reference = sample_rows(torch.ones(13, dtype=torch.bool), p, q, torch.Generator().manual_seed(0))
+        rows = sample_rows_on_device(13, p, q, torch.Generator().manual_seed(0), torch.device("cpu"))
+        for got, expected in zip(
+            (rows.backward, rows.forward_only, rows.from_bank),
+            (reference.backward, reference.forward_only, reference.from_bank),
+        ):
+            assert got.numel() == expected.numel()
+        every = torch.cat([rows.backward, rows.forward_only, rows.from_bank]).sort().values
+        assert torch.equal(every, torch.arange(13))
+    a = sample_rows_on_device(13, 0.45, 0.2, torch.Generator().manual_seed(3), torch.device("cpu"))
+    b = sample_rows_on_device(13, 0.45, 0.2, torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert torch.equal(a.backward, b.backward) and torch.equal(a.from_bank, b.from_bank)
+
+
+def test_text_padded_to_the_longest_row_encodes_like_the_budget(small_dataset: Path) -> None:
+    """pad_to_longest trims each text field to the batch's longest row: same tokens, same content and query
+    vectors as padding to the budget, with less padding to compute on."""
+    from trainer.data.collate import PAD_MULTIPLE
+    from trainer.data.reader import make_batch_stream
+    from trainer.models.fusion import ContentEncoder, QueryEncoder
+
+    cfg = small_config(small_dataset, "model.text_max_tokens=[48, 160, 48]")
+    full = next(iter(make_batch_stream(cfg, "eval")))
+    trimmed = next(iter(make_batch_stream(cfg, "eval", pad_to_longest=True)))
+    budgets = dict(zip(cfg.model.text_fields, cfg.model.text_max_tokens))
+    shrunk = 0
+    for field, tokens in trimmed.text.items():
+        width = tokens.input_ids.shape[1]
+        assert width == budgets[field] or width % PAD_MULTIPLE == 0
+        assert torch.equal(tokens.input_ids, full.text[field].input_ids[:, :width])
+        assert full.text[field].attention_mask[:, width:].sum() == 0  # only padding was cut
+        shrunk += budgets[field] - width
+    assert shrunk > 0
+    tokenizer = make_batch_stream(cfg, "eval").dataset.collator.tokenizer
+    torch.manual_seed(0)
+    encoder = ContentEncoder(cfg.model, len(tokenizer), tokenizer.pad_token_id, cfg.data.image_size).eval()
+    query = QueryEncoder(cfg.model, len(tokenizer), tokenizer.pad_token_id).eval()
+    with torch.no_grad():
+        a = encoder(full.text, full.images, full.image_mask)
+        b = encoder(trimmed.text, trimmed.images, trimmed.image_mask)
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+        assert torch.allclose(query(full.query), query(trimmed.query), atol=1e-5)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from embeddings.sharding import ShardingOptions, describe_plan, shard_sparse
@@ -32,7 +33,7 @@ from trainer.data.item_catalog import ItemsParquet
 from trainer.data.reader import BatchStream, make_batch_stream
 from trainer.data.spec import read_spec
 from trainer.distributed import DistInfo
-from trainer.engine import EngineState, release, wrap_dense
+from trainer.engine import EngineState, compile_blocks, release, wrap_dense
 from trainer.flops import FlopMeter
 from trainer.logger import MetricsLogger
 from trainer.metrics import EvalAccumulator
@@ -97,6 +98,8 @@ class Trainer:
         self.state = TrainState(phase_at(cfg, 0), self.enter_phase)
         apply_phase(cfg, model, self.full_history, self.state.phase)
         model.dense.to(info.device)
+        if cfg.training.compile:
+            log.info("torch.compile: %s", ", ".join(compile_blocks(model.dense)))
         self.items = ItemsParquet(Path(cfg.data.path) / "items.parquet", collator)
         content = build_content_source(
             cfg, self.spec, model.dense.content, self.items, info.device, info.rank
@@ -149,7 +152,8 @@ class Trainer:
         return source.bank if isinstance(source, BankContent) else None
 
     def batches(self, split: str, pin_memory: bool = False) -> BatchStream:
-        """The reader for `split`: ids hashed into this run's tables, raw history ids kept for a content source."""
+        """The reader for `split`: ids hashed into this run's tables, raw history ids kept for a content source,
+        text padded to each batch's longest row."""
         return make_batch_stream(
             self.cfg,
             split,
@@ -158,6 +162,7 @@ class Trainer:
             pin_memory=pin_memory,
             table_rows=self.plan.rows,
             raw_histories=self.with_content_source,
+            pad_to_longest=True,
         )
 
     def count_params(self, trainable: bool) -> int:
@@ -207,11 +212,14 @@ class Trainer:
         return self.dmp(batch, self.step, mode)
 
     def train_step(self, batch: Batch) -> torch.Tensor:
-        batch = batch.to(self.info.device, non_blocking=True)
+        with record_function("h2d"):
+            batch = batch.to(self.info.device, non_blocking=True)
         with self.flops.measure(self.step):
             loss, output = self.forward(batch)
-            self.engine.backward(loss)
-        self.engine.step()
+            with record_function("backward"):
+                self.engine.backward(loss)
+        with record_function("optimizer"):
+            self.engine.step()
         measure = (self.step + 1) % self.cfg.logging.log_every == 0
         self.step_module.after_step(batch, output, self.step, measure)
         return loss.detach()

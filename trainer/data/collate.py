@@ -16,6 +16,9 @@ from trainer.config.schema import ConfigError
 from trainer.data.batch import Batch, Tokens
 from trainer.data.spec import DatasetSpec
 
+PAD_MULTIPLE = 8
+"""Trimmed text widths are multiples of this: fewer distinct shapes (compiled graphs) and tensor-core friendly."""
+
 
 @dataclass
 class CollateSpec:
@@ -44,6 +47,10 @@ class CollateSpec:
     as it is; None: the batch keeps raw ids."""
     raw_histories: bool = False
     """Also keep the histories' raw item ids (`Batch.raw_histories`, for the memory bank)."""
+    pad_to_longest: bool = False
+    """Pad each text field to the batch's longest (rounded up to a multiple of PAD_MULTIPLE, at most the budget)
+    instead of the budget. The towers' outputs do not change (positions count real tokens, attention masks
+    padding); their work shrinks with the padding (the synthetic lemur text fills about a fifth of its budgets)."""
 
 
 def history_lengths(spec: DatasetSpec, max_history: dict[str, int] | None = None) -> dict[str, int]:
@@ -66,6 +73,7 @@ def collate_spec(
     max_history: dict[str, int] | None = None,
     table_rows: dict[str, int] | None = None,
     raw_histories: bool = False,
+    pad_to_longest: bool = False,
 ) -> CollateSpec:
     missing = [f for f in text_fields if f not in spec.text]
     if missing:
@@ -85,6 +93,7 @@ def collate_spec(
         num_labels=len(spec.labels),
         table_rows=dict(table_rows) if table_rows is not None else None,
         raw_histories=raw_histories,
+        pad_to_longest=pad_to_longest,
     )
 
 
@@ -113,11 +122,30 @@ def jagged(keys: list[str], rows: list[dict[str, list[int]]]) -> KeyedJaggedTens
     """KJT with key-major layout: all samples' values of keys[0], then keys[1], ...
 
     The values (up to a million ids a batch with long histories) go straight from the lists into an int64 array:
-    `torch.tensor` on a flat Python list costs three times as much."""
-    lengths = np.array([[len(row[k]) for row in rows] for k in keys], dtype=np.int32).reshape(-1)
+    `torch.tensor` on a flat Python list costs three times as much. The per-key lengths are computed here, on the
+    host, and travel with the KJT: TorchRec would otherwise read them back from the device (a sync per step)."""
+    per_sample = np.array([[len(row[k]) for row in rows] for k in keys], dtype=np.int32)
+    lengths = per_sample.reshape(-1)
     flat = itertools.chain.from_iterable(row[k] for k in keys for row in rows)
     values = np.fromiter(flat, dtype=np.int64, count=int(lengths.sum()))
-    return KeyedJaggedTensor(keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths))
+    return keyed(
+        keys, torch.from_numpy(values), torch.from_numpy(lengths), len(rows), per_sample.sum(1).tolist()
+    )
+
+
+def keyed(
+    keys: list[str], values: torch.Tensor, lengths: torch.Tensor, stride: int, per_key: list[int]
+) -> KeyedJaggedTensor:
+    """A KJT whose per-key lengths and offsets are known on the host already."""
+    offsets = np.concatenate([[0], np.cumsum(per_key, dtype=np.int64)]).tolist()
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=values,
+        lengths=lengths,
+        stride=stride,
+        length_per_key=list(per_key),
+        offset_per_key=offsets,
+    )
 
 
 class Collator:
@@ -126,12 +154,18 @@ class Collator:
         self.tokenizer = tokenizer
 
     def tokens(self, texts: list[str], budget: int) -> Tokens:
-        # Padded to the budget, so every row has the same length. Lists, then one numpy copy: the tokenizer's own
-        # return_tensors="pt" walks every token in Python first and costs as much again as the tokenising.
+        # Padded to the budget (or, with pad_to_longest, to the longest row), so every row has the same length.
+        # Lists, then one numpy copy: the tokenizer's own return_tensors="pt" walks every token in Python first and
+        # costs as much again as the tokenising.
         enc = self.tokenizer(texts, max_length=budget, truncation=True, padding="max_length")
+        ids = np.array(enc["input_ids"], dtype=np.int64).reshape(len(texts), budget)
+        mask = np.array(enc["attention_mask"], dtype=np.int64).reshape(len(texts), budget)
+        if self.spec.pad_to_longest and len(texts):
+            longest = int(mask.sum(1).max())
+            width = min(budget, -(-max(longest, 1) // PAD_MULTIPLE) * PAD_MULTIPLE)
+            ids, mask = ids[:, :width], mask[:, :width]
         return Tokens(
-            torch.from_numpy(np.array(enc["input_ids"], dtype=np.int64)),
-            torch.from_numpy(np.array(enc["attention_mask"], dtype=np.int64)),
+            torch.from_numpy(np.ascontiguousarray(ids)), torch.from_numpy(np.ascontiguousarray(mask))
         )
 
     def __call__(self, samples: list[dict[str, Any]], valid: list[bool] | None = None) -> Batch:
@@ -160,9 +194,8 @@ class Collator:
             s.raw_histories
         ):  # the histories follow the target item (one id per sample) in the key-major values
             n = len(samples)
-            raw_histories = KeyedJaggedTensor(
-                keys=s.sequences, values=sequences.values()[n:], lengths=sequences.lengths()[n:]
-            )
+            per_key = sequences.length_per_key()[1:]
+            raw_histories = keyed(s.sequences, sequences.values()[n:], sequences.lengths()[n:], n, per_key)
         if s.table_rows is not None:
             sparse, sequences = hash_kjt(sparse, s.table_rows), hash_kjt(sequences, s.table_rows)
         return Batch(

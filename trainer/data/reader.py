@@ -287,10 +287,12 @@ def make_batch_stream(
     pin_memory: bool = False,
     table_rows: dict[str, int] | None = None,
     raw_histories: bool = False,
+    pad_to_longest: bool = False,
 ) -> BatchStream:
     """The reader for `split` ("train" or "eval") of cfg.data.path, as configured. `table_rows`: hash the ids into
     these table rows in the reader (what the trainer's sharded tables read); `raw_histories`: also keep the
-    histories' raw item ids (`Batch.raw_histories`)."""
+    histories' raw item ids (`Batch.raw_histories`); `pad_to_longest`: text fields padded to the batch's longest
+    row, not their budget (`CollateSpec.pad_to_longest`)."""
     data, model = cfg.data, cfg.model
     spec = read_spec(data.path)
     pattern = data.train_shards if split == "train" else data.eval_shards
@@ -315,6 +317,7 @@ def make_batch_stream(
         model.max_history,
         table_rows,
         raw_histories,
+        pad_to_longest,
     )
     dataset = ShardDataset(shards, spec, collate, tokenizer, settings, rank, world_size)
     return BatchStream(dataset, pin_memory=pin_memory, epochs=epochs if split == "train" else 1)
