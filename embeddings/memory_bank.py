@@ -112,6 +112,7 @@ class _PendingWrite:
     step: int
     item_ids: torch.Tensor
     vectors: torch.Tensor
+    keep: torch.Tensor | None
     event: torch.cuda.Event | None
 
 
@@ -212,23 +213,33 @@ class MemoryBank:
         return vectors.to(dtype or self.dtype), hit
 
     @torch.no_grad()
-    def write(self, item_ids: torch.Tensor, vectors: torch.Tensor, step: int) -> None:
+    def write(
+        self, item_ids: torch.Tensor, vectors: torch.Tensor, step: int, keep: torch.Tensor | None = None
+    ) -> None:
         """Send detached ``vectors`` [N, D] to their owners, to be stored with version ``step`` once visible
-        (reads at steps >= step + max_staleness). A collective; asynchronous on CUDA."""
+        (reads at steps >= step + max_staleness). ``keep`` [N] bool: only those entries are stored (a mask instead
+        of a boolean index keeps the host from waiting for the device). A collective; asynchronous on CUDA."""
         ids = self._ids(item_ids)
         vectors = self._vectors(vectors, ids.numel())
+        if keep is not None:
+            keep = self._keep(keep, ids.numel())
         with self._writer_stream() as stream:
             if stream is not None:
                 ids.record_stream(stream)
                 vectors.record_stream(stream)
+                if keep is not None:
+                    keep.record_stream(stream)
             route = self._route(ids)
             received_ids = self._exchange(_permute(ids, route.order), route)
             received = self._exchange(_permute(vectors, route.order), route)
+            received_keep = None
+            if keep is not None:
+                received_keep = self._exchange(_permute(keep.to(torch.uint8), route.order), route).bool()
             event = None
             if stream is not None:
                 event = torch.cuda.Event()
                 event.record(stream)
-        self._pending.append(_PendingWrite(step, received_ids, received, event))
+        self._pending.append(_PendingWrite(step, received_ids, received, received_keep, event))
 
     def flush(self) -> None:
         """Apply every queued write now (visible to any later read)."""
@@ -257,14 +268,17 @@ class MemoryBank:
         fresh_ids: torch.Tensor,
         fresh_vectors: torch.Tensor,
         *,
+        fresh_mask: torch.Tensor | None = None,
         grad: bool = False,
     ) -> torch.Tensor:
         """[B, L, D] history vectors where every masked-in entry whose id was encoded this step, on any rank,
         holds the fresh vector (the highest global position of that id wins) instead of the cached one.
 
         ``fresh_ids`` [M] / ``fresh_vectors`` [M, D] are this rank's encoded targets; all ranks' are all-gathered
-        (a collective). With ``grad`` the local fresh vectors keep their graph (gathered remote ones are
-        detached); without it the result is detached. The result's dtype promotes cached's and fresh's.
+        (a collective). ``fresh_mask`` [M] bool: only those entries count as encoded (a mask instead of a boolean
+        index keeps the host from waiting for the device). With ``grad`` the local fresh vectors keep their graph
+        (gathered remote ones are detached); without it the result is detached. The result's dtype promotes
+        cached's and fresh's. No host sync with one rank.
         """
         if history_ids.shape != history_mask.shape or cached.shape != (*history_ids.shape, self.dim):
             raise ValueError(f"history {tuple(history_ids.shape)} and cached {tuple(cached.shape)} disagree")
@@ -273,13 +287,21 @@ class MemoryBank:
         if fresh_ids.dim() != 1 or fresh_ids.dtype.is_floating_point:
             raise ValueError(f"fresh ids must be a 1-D integer tensor, got {fresh_ids.dtype}")
         fresh_ids = fresh_ids.to(fresh_vectors.device, torch.int64)
-        table_ids, table_vectors = self._gather_fresh(fresh_ids, fresh_vectors)
+        if fresh_mask is None:
+            fresh_mask = torch.ones_like(fresh_ids, dtype=torch.bool)
+        elif fresh_mask.shape != fresh_ids.shape or fresh_mask.dtype != torch.bool:
+            raise ValueError(f"fresh_mask must be a bool tensor like the fresh ids {tuple(fresh_ids.shape)}")
+        table_ids, table_vectors, table_fresh = self._gather_fresh(
+            fresh_ids, fresh_vectors, fresh_mask.to(fresh_vectors.device)
+        )
         dtype = torch.promote_types(cached.dtype, fresh_vectors.dtype)
         flat = cached.detach().reshape(-1, self.dim).to(device=table_vectors.device, dtype=dtype)
         hist = history_ids.reshape(-1).to(table_ids.device, torch.int64)
         mask = history_mask.reshape(-1).to(table_ids.device, torch.bool)
-        positions, source = self._fresh_matches(table_ids, hist, mask)
-        out = flat.index_put((positions,), table_vectors[source].to(dtype))
+        matched, source = self._fresh_matches(table_ids, table_fresh, hist, mask)
+        if matched is None:
+            return flat.view(cached.shape)
+        out = torch.where(matched.unsqueeze(1), table_vectors[source].to(dtype), flat)
         return out.view(cached.shape)
 
     def coverage(self, item_ids: torch.Tensor, mask: torch.Tensor, step: int) -> float:
@@ -379,6 +401,13 @@ class MemoryBank:
             )
         return item_ids.to(self.device, torch.int64).contiguous()
 
+    def _keep(self, keep: torch.Tensor, n: int) -> torch.Tensor:
+        if keep.shape != (n,) or keep.dtype != torch.bool:
+            raise ValueError(
+                f"keep must be a bool tensor of shape ({n},), got {keep.dtype} {tuple(keep.shape)}"
+            )
+        return keep.to(self.device).contiguous()
+
     def _vectors(self, vectors: torch.Tensor, n: int) -> torch.Tensor:
         if vectors.shape != (n, self.dim):
             raise ValueError(f"expected vectors of shape ({n}, {self.dim}), got {tuple(vectors.shape)}")
@@ -446,20 +475,28 @@ class MemoryBank:
                 w.item_ids.record_stream(current)
                 w.vectors.record_stream(current)
             versions = torch.full_like(w.item_ids, w.step)
-            self._scatter(w.item_ids, w.vectors, versions)
+            self._scatter(w.item_ids, w.vectors, versions, keep=w.keep)
 
     def _scatter(
-        self, ids: torch.Tensor, vectors: torch.Tensor, versions: torch.Tensor, keep_newer: bool = False
+        self,
+        ids: torch.Tensor,
+        vectors: torch.Tensor,
+        versions: torch.Tensor,
+        keep_newer: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> None:
         """Store rows on this rank. Entries sharing a row act as sequential writes in their given order (the last
         one stays). ``keep_newer`` (loading): sort by version first, and never replace a newer stored row. Entries
-        that do not stay are written to the trash row, so the vectors are copied once, in their given order."""
+        that do not stay are written to the trash row, so the vectors are copied once, in their given order.
+        ``keep`` False: the entry is not a write at all (it goes to the trash row before anything is decided)."""
         if ids.numel() == 0:
             return
         if keep_newer:
             by_version = torch.argsort(versions, stable=True)
             ids, vectors, versions = ids[by_version], vectors[by_version], versions[by_version]
         rows = row_of(ids, self.world_size, self.capacity)
+        if keep is not None:
+            rows = torch.where(keep, rows, self._trash_row)
         order = torch.argsort(rows.int() if self.rows_per_rank < 2**31 else rows, stable=True)
         sorted_rows = rows[order]
         last = _last_of_runs(sorted_rows)
@@ -468,6 +505,7 @@ class MemoryBank:
             stays &= ~self.filled[rows] | (versions >= self.version[rows])
         else:
             self._count_evictions(sorted_rows, ids[order], last)
+        stays &= rows != self._trash_row
         target = torch.where(stays, rows, self._trash_row)
         self.vectors.index_copy_(0, target, vectors)
         self.item_id.index_copy_(0, target, ids)
@@ -481,27 +519,31 @@ class MemoryBank:
         first[1:] = last[:-1]
         displaced = self.filled[rows] & (self.item_id[rows] != ids)
         previous = torch.cat([ids[:1], ids[:-1]])
-        evicted = torch.where(first, displaced, previous != ids)
+        evicted = torch.where(first, displaced, previous != ids) & (rows != self._trash_row)
         self._evictions += evicted.sum()
 
-    def _gather_fresh(self, ids: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every rank's fresh ids and vectors in rank order; this rank's block is ``vectors`` itself (its graph
-        kept), the others are detached copies."""
+    def _gather_fresh(
+        self, ids: torch.Tensor, vectors: torch.Tensor, fresh: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every rank's fresh ids, vectors and masks in rank order; this rank's block is ``vectors`` itself (its
+        graph kept), the others are detached copies."""
         if vectors.shape != (ids.numel(), self.dim):
             raise ValueError(f"fresh vectors {tuple(vectors.shape)} for {ids.numel()} fresh ids")
         if self.world_size == 1:
-            return ids, vectors
+            return ids, vectors, fresh
         counts = self._all_gather(torch.tensor([ids.numel()], dtype=torch.int64, device=self._comm))
         sizes = [int(c) for c in torch.cat(counts).tolist()]
         longest = max(max(sizes), 1)
         id_blocks = self._all_gather(_padded(ids, longest, self._comm))
         vec_blocks = self._all_gather(_padded(vectors.detach(), longest, self._comm))
+        fresh_blocks = self._all_gather(_padded(fresh.to(torch.uint8), longest, self._comm))
         device = vectors.device
         all_ids = torch.cat([b[:n] for b, n in zip(id_blocks, sizes)]).to(device)
+        all_fresh = torch.cat([b[:n] for b, n in zip(fresh_blocks, sizes)]).to(device).bool()
         parts = [
             vectors if r == self.rank else b[:n].to(device) for r, (b, n) in enumerate(zip(vec_blocks, sizes))
         ]
-        return all_ids, torch.cat(parts)
+        return all_ids, torch.cat(parts), all_fresh
 
     def _all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
         blocks = [torch.empty_like(x) for _ in range(self.world_size)]
@@ -510,18 +552,26 @@ class MemoryBank:
 
     @staticmethod
     def _fresh_matches(
-        table_ids: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(history positions to replace, the fresh-table index for each): per id the last table entry."""
+        table_ids: torch.Tensor, table_fresh: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(per history entry: whether a fresh table entry replaces it, and which one), dense over the entries:
+        per id the last fresh table entry wins. None when the table is empty."""
         if table_ids.numel() == 0:
-            empty = torch.zeros(0, dtype=torch.int64, device=hist.device)
-            return empty, empty
-        sorted_ids, order = torch.sort(table_ids, stable=True)
+            return None, torch.zeros(0, dtype=torch.int64, device=hist.device)
+        # Non-fresh entries first within an id, so the last entry of an id's run is its last fresh one if any.
+        by_fresh = torch.argsort(table_fresh.to(torch.uint8), stable=True)
+        by_id = torch.argsort(table_ids[by_fresh], stable=True)
+        order = by_fresh[by_id]
+        sorted_ids = table_ids[order]
         last = _last_of_runs(sorted_ids)
-        unique_ids, source = sorted_ids[last], order[last]
-        slot = torch.searchsorted(unique_ids, hist).clamp_(max=unique_ids.numel() - 1)
-        positions = (mask & (unique_ids[slot] == hist)).nonzero().squeeze(1)
-        return positions, source[slot[positions]]
+        # Runs collapse onto their last entry: every position of a run points at it (a cumulative max of indices).
+        run_end = torch.where(last, torch.arange(last.numel(), device=last.device), last.numel())
+        run_end = torch.flip(torch.cummin(torch.flip(run_end, [0]), 0).values, [0])
+        slot = torch.searchsorted(sorted_ids, hist).clamp_(max=sorted_ids.numel() - 1)
+        end = run_end[slot]
+        source = order[end]
+        matched = mask & (sorted_ids[slot] == hist) & table_fresh[source]
+        return matched, source
 
 
 # ----------------------------------------------------------------------------------------------- helpers

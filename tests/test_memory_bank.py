@@ -454,3 +454,38 @@ def test_saved_by_one_restored_on_two(two_ranks: tuple[Path, list[dict[str, Any]
     for rank, out in enumerate(results):
         assert_read(out["restored"], latest(solo_writes()), ids)
         assert out["restored_filled"] == (owner_of(saved, WORLD, BIG) == rank).sum()  # only the rows it owns
+
+
+def test_masked_writes_and_joins_equal_writing_and_joining_the_selected_entries() -> None:
+    """`keep` / `fresh_mask` (no host sync) against boolean indexing (the reference): same rows, same evictions,
+    same join, same gradient."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 30, (40,), generator=g)
+    vectors = torch.randn(40, DIM, generator=g)
+    keep = torch.rand(40, generator=g) < 0.5
+    masked, indexed = MemoryBank(64, DIM, dtype=torch.float32), MemoryBank(64, DIM, dtype=torch.float32)
+    masked.write(ids, vectors, step=0, keep=keep)
+    indexed.write(ids[keep], vectors[keep], step=0)
+    probe = torch.arange(30)
+    for a, b in zip(masked.read(probe, step=1), indexed.read(probe, step=1)):
+        assert torch.equal(a, b)
+    assert masked.stats() == indexed.stats()
+    assert masked.stats()["filled"] > 0
+
+    x = dedup_inputs(7)
+    x["fresh_ids"][:3] = x["fresh_ids"][3:6]
+    fresh_mask = torch.tensor([True, False, True, True, False, True, True])
+    bank = MemoryBank(BIG, DIM)
+    fresh = x["fresh"].clone().requires_grad_(True)
+    out = bank.dedup_join(
+        x["hist"], x["mask"], x["cached"], x["fresh_ids"], fresh, fresh_mask=fresh_mask, grad=True
+    )
+    ref_fresh = x["fresh"].clone().requires_grad_(True)
+    ref = bank.dedup_join(
+        x["hist"], x["mask"], x["cached"], x["fresh_ids"][fresh_mask], ref_fresh[fresh_mask], grad=True
+    )
+    assert torch.equal(out, ref)
+    (out * x["weights"]).sum().backward()
+    (ref * x["weights"]).sum().backward()
+    assert_same_grad(fresh.grad, ref_fresh.grad)
+    assert (fresh.grad[~fresh_mask] == 0).all()

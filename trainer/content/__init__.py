@@ -7,7 +7,7 @@ import logging
 import torch
 
 from trainer.config.schema import Config
-from trainer.content.bank import BankContent, SampledRows, build_bank, sample_rows
+from trainer.content.bank import BankContent, SampledRows, build_bank, sample_rows, sample_rows_on_device
 from trainer.content.recompute import RecomputeContent
 from trainer.content.source import EVAL, SERVE, TRAIN, ContentSource, Encoder, StepContent
 from trainer.data.item_catalog import ItemsParquet
@@ -26,6 +26,7 @@ __all__ = [
     "StepContent",
     "build_content_source",
     "sample_rows",
+    "sample_rows_on_device",
 ]
 
 

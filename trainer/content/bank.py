@@ -73,6 +73,20 @@ def sample_rows(valid: torch.Tensor, p: float, q: float, generator: torch.Genera
     )
 
 
+def sample_rows_on_device(
+    size: int, p: float, q: float, generator: torch.Generator, device: torch.device
+) -> SampledRows:
+    """`sample_rows` for a batch of `size` rows that are all valid (training batches always are), drawn on the
+    device: the row counts are known on the host, so nothing waits for the device."""
+    n_forward, n_backward = math.ceil(p * size - 1e-9), math.ceil(q * size - 1e-9)
+    chosen = torch.randperm(size, generator=generator, device=device)
+    return SampledRows(
+        chosen[:n_backward].sort().values,
+        chosen[n_backward:n_forward].sort().values,
+        chosen[n_forward:].sort().values,
+    )
+
+
 def encode_rows(encoder: Encoder, batch: Batch, rows: torch.Tensor, grad: bool) -> torch.Tensor:
     text = {f: Tokens(t.input_ids[rows], t.attention_mask[rows]) for f, t in batch.text.items()}
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
@@ -108,19 +122,19 @@ class BankContent:
     def prepare(self, batch: Batch, embedded: Embedded, step: int, mode: str) -> StepContent:
         names, lengths, ids, mask = flat_histories(embedded)
         rows = self.rows(batch, step, mode)
-        # One read (a collective) for the histories and the targets that are not encoded.
-        wanted = torch.cat([ids[mask], batch.item_id[rows.from_bank]])
+        # One read (a collective) for every history slot and the targets that are not encoded. Masked-out slots
+        # are read too and zeroed after: fixed shapes, so the host never waits for the device (histories are
+        # mostly full, so this costs little).
+        n_hist = ids.numel()
+        wanted = torch.cat([ids.reshape(-1), batch.item_id[rows.from_bank]])
         vectors, hit = self.bank.read(wanted, step, dtype=self.dtype)
-        n_hist = int(mask.sum())
-        cached = vectors.new_zeros(*ids.shape, self.bank.dim)
-        cached[mask] = vectors[:n_hist]
-        hits = torch.zeros_like(mask)
-        hits[mask] = hit[:n_hist]
+        cached = torch.where(mask.unsqueeze(-1), vectors[:n_hist].view(*ids.shape, self.bank.dim), 0.0)
+        hits = hit[:n_hist].view(ids.shape) & mask
         self.coverage = hit_shares(names, lengths, hits, mask)
         target, fresh = self.target(batch, rows, vectors[n_hist:])
         if mode == TRAIN:
             cached = self.bank.dedup_join(
-                ids, mask, cached, batch.item_id[fresh], target[fresh], grad=self.cfg.join_gradient
+                ids, mask, cached, batch.item_id, target, fresh_mask=fresh, grad=self.cfg.join_gradient
             )
         parts = cached.to(self.dtype).split(lengths, 1)
         return StepContent(target, fresh, dict(zip(names, parts)))
@@ -134,8 +148,10 @@ class BankContent:
             return SampledRows(none, everything, none)
         if not self.sampling:
             return SampledRows(everything, none, none)
-        generator = torch.Generator().manual_seed(hash((self.seed, step, self.rank)) & (2**63 - 1))
-        return sample_rows(batch.valid, self.cfg.forward_share, self.cfg.backward_share, generator)
+        device = batch.valid.device
+        generator = torch.Generator(device).manual_seed(hash((self.seed, step, self.rank)) & (2**63 - 1))
+        p, q = self.cfg.forward_share, self.cfg.backward_share
+        return sample_rows_on_device(batch.size, p, q, generator, device)
 
     def target(
         self, batch: Batch, rows: SampledRows, from_bank: torch.Tensor
@@ -158,11 +174,10 @@ class BankContent:
 
     def after_step(self, batch: Batch, content: StepContent, step: int, measure: bool) -> None:
         """Write this step's fresh target vectors (visible to later steps' reads); LEMUR's staleness check first
-        when `measure`."""
-        ids, fresh = batch.item_id[content.fresh], content.target[content.fresh].detach()
+        when `measure` (a logging step: it may wait for the device)."""
         if measure:
-            self.measure_staleness(ids, fresh, step)
-        self.bank.write(ids, fresh, step)
+            self.measure_staleness(batch.item_id[content.fresh], content.target[content.fresh].detach(), step)
+        self.bank.write(batch.item_id, content.target.detach(), step, keep=content.fresh)
 
     # ------------------------------------------------------------------------------------ around the loop
 
