@@ -152,10 +152,25 @@ class TextTower(nn.Module):
         )
         positions = (mask.cumsum(1) - 1).clamp(min=0) + self.position_offset
         out = self.encoder(
-            input_ids=ids, attention_mask=mask, token_type_ids=token_types, position_ids=positions
+            input_ids=ids,
+            attention_mask=self.attention_mask(mask),
+            token_type_ids=token_types,
+            position_ids=positions,
         )
         tokens = out.last_hidden_state
         return Encoded(tokens=tokens, mask=mask.bool(), pooled=tokens[:, 0])
+
+    def attention_mask(self, mask: Tensor) -> Tensor:
+        """The key-padding mask already in the [B, 1, 1, L] form attention takes. Given a 2-D mask, transformers
+        first asks whether it is all ones (to drop it), which makes the host wait for the device every step.
+        Every row keeps its first token (a field's [CLS]), so no row is fully masked."""
+        keep = mask.bool()[:, None, None, :]
+        if self.encoder.config._attn_implementation == "sdpa":
+            return keep
+        dtype = self.encoder.get_input_embeddings().weight.dtype
+        return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~keep, torch.finfo(dtype).min
+        )
 
 
 class VisionTower(nn.Module):
