@@ -89,6 +89,7 @@ def test_the_runtime_does_not_import_the_dataset_tools() -> None:
     users = {
         m
         for m, deps in graph.items()
-        if any(d.startswith("trainer.dataset_tools") for d in deps) and not m.startswith(MAY_USE_DATASET_TOOLS)
+        if any(d.startswith("trainer.dataset_tools") for d in deps)
+        and not m.startswith(MAY_USE_DATASET_TOOLS)
     }
     assert users == set()

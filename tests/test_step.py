@@ -40,7 +40,9 @@ def _same_step(dataset: str, out: str, bank: bool) -> None:
 
     t = _trainer(dataset, [*REFERENCE, *(BANK if bank else [])], out)
     collator = t.train_stream.dataset.collator
-    plain = build_model(t.cfg, t.spec, t.plan, len(collator.tokenizer), collator.tokenizer.pad_token_id, "cpu")
+    plain = build_model(
+        t.cfg, t.spec, t.plan, len(collator.tokenizer), collator.tokenizer.pad_token_id, "cpu"
+    )
     plain.dense.load_state_dict(t.model.dense.state_dict())
     before = sparse_weights(t.model.sparse)
     plain.sparse.load_state_dict(before)

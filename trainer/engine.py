@@ -84,6 +84,21 @@ def wrap_dense(
     return engine
 
 
+def compile_blocks(dense: nn.Module) -> list[str]:
+    """torch.compile the dense arch's heavy blocks in place (`nn.Module.compile`: parameter names and state dicts
+    do not change, so checkpoints and DeepSpeed see the same module). Returns the blocks compiled."""
+    compiled = []
+    for name in ("content", "query", "ranker"):
+        block = getattr(dense, name, None)
+        if block is not None:
+            block.compile()
+            compiled.append(name)
+    for name, decoder in (getattr(dense, "decoders", None) or {}).items():
+        decoder.compile()
+        compiled.append(f"decoders.{name}")
+    return compiled
+
+
 def release(engine: deepspeed.DeepSpeedEngine) -> None:
     """Drop an engine before wrapping the same module again: ZeRO 1/2 leave gradient hooks on the parameters."""
     destroy = getattr(engine, "destroy", None)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from trainer.config.schema import TrainingConfig
 from trainer.content import SERVE, TRAIN, ContentSource, StepContent
@@ -61,22 +62,29 @@ class LemurStep(nn.Module):
     def forward(self, batch: Batch, step: int = 0, mode: str = TRAIN) -> tuple[torch.Tensor, StepOutput]:
         """`step`: the global step (the bank's reads and writes are versioned by it, encoder sampling is seeded
         by it); `mode`: train, eval (targets encoded, no dedup join) or serve (content from the bank only)."""
-        embedded = self.model.embed(batch)
-        if self.dtype != torch.float32:
-            embedded, batch = self.cast(embedded), replace(batch, dense=batch.dense.to(self.dtype))
+        # The labels name the phases of a step in a torch.profiler trace (benchmarks/step.py reads them).
+        with record_function("embed"):
+            embedded = self.model.embed(batch)
+            if self.dtype != torch.float32:
+                embedded, batch = self.cast(embedded), replace(batch, dense=batch.dense.to(self.dtype))
         content = None
         if self.content is not None:
-            content = self.content.prepare(batch, embedded, step, mode)
+            with record_function("content"):
+                content = self.content.prepare(batch, embedded, step, mode)
             embedded.history_content = content.histories
         elif mode == SERVE:
             raise ValueError("scoring from the bank needs memory_bank.enabled with mode 'bank'")
-        out = self.dense_forward(batch, embedded, content.target if content is not None else None)
-        return objective_loss(self.objective, batch, out), StepOutput(out, content)
+        with record_function("dense_forward"):
+            out = self.dense_forward(batch, embedded, content.target if content is not None else None)
+        with record_function("loss"):
+            loss = objective_loss(self.objective, batch, out)
+        return loss, StepOutput(out, content)
 
     def after_step(self, batch: Batch, output: StepOutput, step: int, measure: bool) -> None:
         """After the optimizer step: the content source's writes (the bank stores this step's fresh vectors)."""
         if self.content is not None and output.content is not None:
-            self.content.after_step(batch, output.content, step, measure)
+            with record_function("bank_write"):
+                self.content.after_step(batch, output.content, step, measure)
 
     def cast(self, embedded: Embedded) -> Embedded:
         histories = {k: (v.to(self.dtype), m) for k, (v, m) in embedded.histories.items()}

@@ -415,6 +415,9 @@ class TrainingConfig:
     """Checkpoint every N steps (0: only at the end)."""
     dtype: str = "float32"
     """Compute dtype of the dense part: float32 or bfloat16 (fp16 is refused: its loss scale leaks into fused sparse updates)."""
+    compile: bool = False
+    """torch.compile the dense arch's blocks (content and query towers with the fusion, LONGER decoders, ranker):
+    fewer, fused kernels; the first steps pay the compile time. Off: eager, the reference path."""
     seed: int = 0
     """Seeds model init and everything random in the loop."""
     sqdc_weight: float = 0.0
