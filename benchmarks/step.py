@@ -1,0 +1,632 @@
+#!/usr/bin/env python
+"""The training step at full size: time, MFU, GPU-busy share, kernels and host syncs per step, where the time goes.
+
+    python benchmarks/step.py                                  # lemur shapes, batch 2048, every variant, 1 GPU
+    python benchmarks/step.py --gpus 1 2                       # the same on 1 and 2 GPUs, side by side
+    python benchmarks/step.py --variants lemur --no-reader     # one variant, reader excluded only
+    python benchmarks/step.py --small --batch-size 64 --samples 2048   # a CPU smoke run in a few minutes
+
+Variants (the lemur preset, text only, histories 1,000 / 50, bf16, ZeRO-2 on GPU):
+  id_only    model.use_content = false, no bank
+  content    content end to end, no bank (history tokens carry ID embeddings only)
+  lemur      as shipped: memory bank, encoder sampling p = q = 0.2
+  bank_p1    memory bank, p = q = 1 (every target encoded, with gradient)
+
+Each (variant, GPU count) runs the real `Trainer` (DMP + DeepSpeed) in its own process(es) (torchrun). Reader
+excluded: --preload batches are read first and moved to the GPU, then --warmup steps, then --steps timed steps
+(synchronised at both ends: step ms and samples/s), then --profile-steps under torch.profiler: kernel time per step
+(GPU busy = kernel time / step time; overlapping kernels of several streams counted once), kernels per step, host
+syncs per step (cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize calls, device-to-host copies,
+`.item()` calls, `nonzero`), and per phase the GPU time of the kernels each phase launched (the step's
+`record_function` labels: h2d, embed, content, dense_forward, loss, backward, optimizer, bank_write). FLOPs are
+counted once with FlopCounterMode over a whole step (matmuls and attention): MFU on padded FLOPs counts every token
+slot, MFU on real-token FLOPs scales the text and query towers' FLOPs by the share of real tokens (linear ops) and
+of real token pairs (attention). Then, reader included: the same trainer reads on (--workers DataLoader workers
+per rank) for --reader-steps timed steps.
+
+Writes benchmarks/results/step-<date>-<hardware>.md/.json/.png (--out for another folder; --report-from JSON
+rewrites the markdown and the chart from a saved JSON). The dataset is synthesised once under --data-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS: dict[str, list[str]] = {
+    "id_only": ["model.use_content=false", "memory_bank.enabled=false"],
+    "content": ["memory_bank.enabled=false"],
+    "lemur": [],
+    "bank_p1": ["memory_bank.forward_share=1.0", "memory_bank.backward_share=1.0"],
+}
+PHASES = ["h2d", "embed", "content", "dense_forward", "loss", "backward", "optimizer", "bank_write"]
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+PEAK_BF16 = 989e12  # H100/H200 dense bf16 (trainer/flops.py)
+SMALL_MODEL = [
+    "model.text_tower.layers=1",
+    "model.text_tower.hidden=32",
+    "model.query_tower.hidden=32",
+    "model.content_dim=16",
+    "model.ranker_hidden=32",
+    "model.ranker_tokens=4",
+    "model.longer_layers=1",
+    "model.text_max_tokens=[8, 16, 8]",
+    "embeddings.dim=8",
+    "embeddings.hash_size=10007",
+]
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def synth_overrides(args: argparse.Namespace) -> list[str]:
+    return [
+        f"data.synth.num_samples={args.samples}",
+        f"data.synth.samples_per_shard={args.samples_per_shard}",
+        f"data.synth.num_items={args.items}",
+        f"data.synth.num_users={max(1000, args.samples // 5)}",
+        f"data.synth.long_history={args.long_history}",
+        "data.synth.eval_share=0.02",
+    ]
+
+
+def ensure_data(args: argparse.Namespace) -> Path:
+    from trainer.config import load_config
+    from trainer.dataset_tools.synth.generate import synthesize
+
+    overrides = synth_overrides(args)
+    out = Path(args.data_dir) / ("step-" + "-".join(o.split("=")[1] for o in overrides[:5]))
+    if not (out / "dataset.json").is_file():
+        started = time.time()
+        cfg = load_config("lemur", overrides)
+        synthesize(cfg.data.synth, out, vocab_size=cfg.data.vocab_size, force=True, progress=False)
+        print(f"synthesised {out.name} in {time.time() - started:.0f}s", flush=True)
+    return out
+
+
+def run_overrides(args: argparse.Namespace, variant: str, data: Path, out_dir: str, gpus: int) -> list[str]:
+    workers = max(1, args.workers // gpus) if args.reader else 0
+    return [
+        f'data.path="{data}"',
+        f"data.batch_size={args.batch_size}",
+        f"data.num_workers={workers}",
+        "data.shuffle_buffer=1000",
+        "training.eval_every=0",
+        "training.checkpoint_every=0",
+        "logging.log_every=1000000",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        f'logging.out_dir="{out_dir}"',
+        *(SMALL_MODEL if args.small else []),
+        *(['training.dtype="float32"', "distributed.zero_stage=0"] if args.cpu else []),
+        *VARIANTS[variant],
+        *args.overrides,
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+def child(args: argparse.Namespace) -> None:
+    """One variant on this process's rank: build the trainer, measure, write JSON (rank 0)."""
+
+    from trainer.config import load_config
+    from trainer.distributed import init_distributed
+    from trainer.loop import Trainer
+    from trainer.train import setup_logging
+
+    info = init_distributed("gloo" if args.cpu else "auto")
+    setup_logging(info.rank)
+    device = info.device
+    with tempfile.TemporaryDirectory() as out_dir:
+        cfg = load_config("lemur", run_overrides(args, args.variant, Path(args.data), out_dir, args.world))
+        trainer = Trainer(cfg, info)
+        stream = iter(trainer.train_stream)
+        batches = [next(stream).to(device, non_blocking=True) for _ in range(args.preload)]
+
+        def steps(n: int, source: Any = None) -> float:
+            sync(device)
+            began = time.perf_counter()
+            for i in range(n):
+                batch = next(source) if source is not None else batches[(trainer.step + i) % len(batches)]
+                trainer.train_step(batch)
+                trainer.step += 1
+            sync(device)
+            return time.perf_counter() - began
+
+        steps(args.warmup)
+        memory_reset(device)
+        seconds = steps(args.steps)
+        result: dict[str, Any] = {
+            "variant": args.variant,
+            "gpus": info.world_size,
+            "batch_size": cfg.data.batch_size,
+            "step_ms": seconds / args.steps * 1e3,
+            "samples_per_s": args.steps * cfg.data.batch_size * info.world_size / seconds,
+            "peak_gib": peak_memory(device),
+        }
+        result["samples_per_s_per_gpu"] = result["samples_per_s"] / info.world_size
+        result.update(profile_steps(trainer, batches, device, args.profile_steps))
+        result["busy"] = result["kernel_ms"] / result["step_ms"] if device.type == "cuda" else None
+        with eager():  # dispatch modes see ops only outside compiled regions: count on an eager step
+            result["sync_sources"] = sync_sources(trainer, batches[0])
+            result.update(count_flops(trainer, batches[0]))
+        for kind in ("padded", "real"):
+            flops = result[f"flops_{kind}"]
+            result[f"mfu_{kind}"] = (
+                flops / (result["step_ms"] / 1e3) / PEAK_BF16 if device.type == "cuda" else None
+            )
+        if args.reader:
+            steps(args.reader_warmup, stream)
+            seconds = steps(args.reader_steps, stream)
+            result["reader_samples_per_s"] = (
+                args.reader_steps * cfg.data.batch_size * info.world_size / seconds
+            )
+            result["reader_workers_per_rank"] = cfg.data.num_workers
+        trainer.close()
+    if info.is_main:
+        Path(args.result).write_text(json.dumps(result, indent=1))
+
+
+def eager() -> Any:
+    """Run compiled modules eagerly for a while (torch >= 2.6), else nothing changes."""
+    import contextlib
+
+    import torch
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_reset(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: Any) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def profile_steps(trainer: Any, batches: list[Any], device: Any, n: int) -> dict[str, Any]:
+    """Kernels, syncs and per-phase GPU time per step from torch.profiler over `n` steps."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for i in range(n):
+            trainer.train_step(batches[(trainer.step + i) % len(batches)])
+            trainer.step += 1
+        sync(device)  # one sync of our own, taken off below
+    events = prof.events()
+    on_gpu = [
+        e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    ]
+    kernels = [e for e in on_gpu if not e.name.startswith(("Memcpy", "Memset"))]
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    count = lambda names: sum(1 for e in cpu if e.name in names)  # noqa: E731
+    phases = {p: 0.0 for p in PHASES}
+    for e in cpu:
+        if e.name in phases and e.name != "backward" and getattr(e, "is_user_annotation", True):
+            phases[e.name] += device_time(e) / 1e3
+        elif e.name.startswith("autograd::engine::evaluate_function"):  # backward runs on autograd's threads
+            phases["backward"] += device_time(e) / 1e3
+    return {
+        "kernel_ms": union_ms([(e.time_range.start, e.time_range.end) for e in on_gpu]) / n,
+        "kernels_per_step": len(kernels) / n,
+        "stream_syncs_per_step": (count(SYNC_CALLS) - (1 if device.type == "cuda" else 0)) / n,
+        "dtoh_copies_per_step": sum(1 for e in on_gpu if "DtoH" in e.name) / n,
+        "item_calls_per_step": count({"aten::_local_scalar_dense"}) / n,
+        "nonzero_per_step": count({"aten::nonzero"}) / n,
+        "phase_gpu_ms": {p: v / n for p, v in phases.items()},
+        "cpu_ops_per_step": sum(1 for e in cpu if e.name.startswith("aten::")) / n,
+        "torch_version": torch.__version__,
+    }
+
+
+def device_time(event: Any) -> float:
+    """GPU µs of the kernels an op (and everything under it) launched."""
+    for attr in ("device_time_total", "cuda_time_total"):
+        if hasattr(event, attr):
+            return float(getattr(event, attr))
+    return 0.0
+
+
+def union_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals in µs, as ms (kernels of several streams overlap)."""
+    total, end = 0.0, -math.inf
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total / 1e3
+
+
+SYNCING_OPS = (
+    "aten._local_scalar_dense",
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten._unique2",
+    "aten.unique_dim",
+)
+
+
+def sync_sources(trainer: Any, batch: Any) -> list[list[Any]]:
+    """Where one step reads device values on the host: ops that must wait for the device (`.item()`, `nonzero`,
+    boolean-mask indexing, `unique`, copies to the host), counted by the calling lines (ours first, then the
+    library's). Read from a dispatch mode, so it works on CPU runs too."""
+    import collections
+    import traceback
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: collections.Counter = collections.Counter()
+
+    def syncs(func: Any, args: tuple, kwargs: dict) -> bool:
+        name = str(func)
+        if name.startswith(SYNCING_OPS) or (
+            name.startswith("aten.repeat_interleave") and "output_size" not in kwargs
+        ):
+            return True
+        if name.startswith("aten.index.Tensor") and len(args) > 1:
+            return any(getattr(i, "dtype", None) == torch.bool for i in args[1] if i is not None)
+        if name.startswith("aten._to_copy") and isinstance(args[0], torch.Tensor):
+            target = kwargs.get("device")
+            return args[0].device.type == "cuda" and target is not None and torch.device(target).type == "cpu"
+        return False
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            kwargs = kwargs or {}
+            if syncs(func, args, kwargs):
+                frames = traceback.extract_stack()[:-2]
+                mine = [
+                    f for f in frames if f"{ROOT}/trainer" in f.filename or f"{ROOT}/embeddings" in f.filename
+                ]
+                lib = [
+                    f for f in frames if any(k in f.filename for k in ("torchrec/", "deepspeed/", "fbgemm"))
+                ]
+                deepest_lib = (
+                    lib[-1:] if lib and (not mine or frames.index(lib[-1]) > frames.index(mine[-1])) else []
+                )
+                where = [f"{Path(f.filename).name}:{f.lineno}" for f in mine[-1:]]
+                where += [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in deepest_lib]
+                counts[(str(func).split(".")[1], " <- ".join(where))] += 1
+            return func(*args, **kwargs)
+
+    with Spy():
+        trainer.train_step(batch)
+        trainer.step += 1
+    return [[op, where, n] for (op, where), n in counts.most_common()]
+
+
+def count_flops(trainer: Any, batch: Any) -> dict[str, Any]:
+    """FLOPs of one training step, padded and on real tokens (see the module docstring). The step's total comes
+    from one counted step; the towers' share from a counted forward alone (FlopCounterMode files forward ops under
+    the module that ran them; backward ops it does not file reliably), taken 3 times (backward = 2x forward for
+    matmuls; a rough rule for attention and for rows encoded without gradient)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trainer.train_step(batch)
+        trainer.step += 1
+    total = float(counter.get_total_flops())
+    forward = FlopCounterMode(display=False)
+    with forward:
+        trainer.forward(batch)
+    per_module = forward.get_flop_counts()
+    # A module can be listed under several aliases (the DMP path, the DeepSpeed engine's): the largest counts, once.
+    towers: dict[str, dict[str, float]] = {}
+    for module, ops in per_module.items():
+        for tower in ("content", "query"):
+            alias = module.endswith((f"dense.{tower}", f"module.{tower}"))
+            if alias and sum(ops.values()) > sum(towers.get(tower, {}).values()):
+                towers[tower] = {str(op): float(f) for op, f in ops.items()}
+    text_linear, text_pairs = token_shares(list(batch.text.values()))
+    query_linear, query_pairs = token_shares([batch.query] if batch.query is not None else [])
+    real = total
+    for tower, ops in towers.items():
+        linear, pairs = (text_linear, text_pairs) if tower == "content" else (query_linear, query_pairs)
+        for op, flops in ops.items():
+            quadratic = "attention" in op or "bmm" in op  # sdpa on GPU; eager attention is bmm
+            real -= 3 * flops * (1.0 - (pairs if quadratic else linear))
+    return {
+        "flops_padded": total,
+        "flops_real": real,
+        "text_token_share": text_linear,
+        "query_token_share": query_linear,
+        "text_width": sum(t.input_ids.shape[1] for t in batch.text.values()),
+        "tower_forward_flops": {t: sum(ops.values()) for t, ops in towers.items()},
+    }
+
+
+def token_shares(fields: list[Any]) -> tuple[float, float]:
+    """(real tokens / token slots, real token pairs / pair slots) of the fields joined into one sequence."""
+    if not fields:
+        return 1.0, 1.0
+    lengths = sum(f.attention_mask.sum(1).double() for f in fields)
+    slots = sum(f.attention_mask.shape[1] for f in fields)
+    rows = lengths.numel()
+    return float(lengths.sum() / (rows * slots)), float((lengths**2).sum() / (rows * slots**2))
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def hardware_name(cpu: bool) -> str:
+    if not cpu:
+        import torch
+
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(0).replace("NVIDIA ", "").split()[0].lower()
+            return f"{name}-x{torch.cuda.device_count()}"
+    return f"cpu-{os.cpu_count()}core"
+
+
+def fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# The training step, {report['date']}, {report['hardware']}",
+        "",
+        f"Command: `{report['command']}`",
+        f"Commit: {report['commit']}; host {report['host']}; torch {report.get('torch', '-')}.",
+        f"Shapes: lemur preset{' (small towers)' if report['small'] else ''}, batch {report['batch_size']} per GPU, "
+        f"histories {report['long_history']} / 50, dataset {report['samples']:,} samples over {report['items']:,} "
+        "items. Reader excluded: batches preloaded on the device. GPU busy = kernel time / step time.",
+        "",
+        "| variant | GPUs | step ms | samples/s | samples/s/GPU | MFU real | MFU padded | GPU busy | kernels/step "
+        "| stream syncs/step | DtoH copies/step | .item()/step | nonzero/step | peak GiB | with reader samples/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["runs"]:
+        lines.append(
+            f"| {r['variant']} | {r['gpus']} | {r['step_ms']:.1f} | {r['samples_per_s']:,.0f} | "
+            f"{r['samples_per_s_per_gpu']:,.0f} | {fmt(r.get('mfu_real'), '.1%')} | {fmt(r.get('mfu_padded'), '.1%')} | "
+            f"{fmt(r.get('busy'), '.0%')} | {r['kernels_per_step']:,.0f} | {r['stream_syncs_per_step']:.0f} | "
+            f"{r['dtoh_copies_per_step']:.0f} | {r['item_calls_per_step']:.0f} | {r['nonzero_per_step']:.0f} | "
+            f"{fmt(r.get('peak_gib'), '.1f')} | {fmt(r.get('reader_samples_per_s'), ',.0f')} |"
+        )
+    lines += ["", "GPU time per phase (ms per step, kernels each phase launched; idle = step - busy):", ""]
+    lines.append("| variant | GPUs | " + " | ".join(PHASES) + " | idle |")
+    lines.append("|---|---:|" + "---:|" * (len(PHASES) + 1))
+    for r in report["runs"]:
+        phases = r["phase_gpu_ms"]
+        idle = max(0.0, r["step_ms"] - r["kernel_ms"])
+        lines.append(
+            f"| {r['variant']} | {r['gpus']} | "
+            + " | ".join(f"{phases[p]:.1f}" for p in PHASES)
+            + f" | {idle:.1f} |"
+        )
+    lines += ["", "Where the host waits for the device (one step, ops that sync, by calling line):", ""]
+    for r in report["runs"]:
+        top = ", ".join(f"{op} x{n} ({where or '?'})" for op, where, n in r.get("sync_sources", [])[:8])
+        lines.append(f"- {r['variant']} x{r['gpus']}: {top or 'none'}")
+    scaling = [
+        (v, two["samples_per_s"] / one["samples_per_s"])
+        for v in VARIANTS
+        for one in report["runs"]
+        for two in report["runs"]
+        if one["variant"] == two["variant"] == v and one["gpus"] == 1 and two["gpus"] == 2
+    ]
+    if scaling:
+        lines += ["", "2 GPUs vs 1 (same call): " + ", ".join(f"{v} {x:.2f}x" for v, x in scaling) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    """A stacked bar per run: where a step's time goes (GPU ms per phase, then idle)."""
+    from PIL import Image, ImageDraw
+
+    colours = [
+        "#8dd3c7",
+        "#ffffb3",
+        "#bebada",
+        "#fb8072",
+        "#80b1d3",
+        "#fdb462",
+        "#b3de69",
+        "#fccde5",
+        "#d9d9d9",
+    ]
+    runs = report["runs"]
+    width, left, bar, gap = 1000, 170, 26, 14
+    height = 60 + len(runs) * (bar + gap) + 60
+    longest = max(r["step_ms"] for r in runs) or 1.0
+    scale = (width - left - 30) / longest
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text(
+        (10, 10), f"Where a step's time goes (ms), {report['hardware']}, {report['date']}", fill="black"
+    )
+    y = 40
+    for r in runs:
+        draw.text((10, y + 7), f"{r['variant']} x{r['gpus']}", fill="black")
+        x = float(left)
+        idle = max(0.0, r["step_ms"] - r["kernel_ms"])
+        other = max(0.0, r["kernel_ms"] - sum(r["phase_gpu_ms"].values()))
+        parts = [*(r["phase_gpu_ms"][p] for p in PHASES), other, idle]
+        for value, colour in zip(parts, [*colours, "#ffffff"]):
+            w = value * scale
+            if w > 0:
+                draw.rectangle([x, y, x + w, y + bar], fill=colour, outline="black")
+            x += w
+        draw.text((x + 4, y + 7), f"{r['step_ms']:.1f}", fill="black")
+        y += bar + gap
+    x = 10
+    for name, colour in zip([*PHASES, "other", "idle"], [*colours, "#ffffff"]):
+        draw.rectangle([x, y + 10, x + 12, y + 22], fill=colour, outline="black")
+        draw.text((x + 16, y + 10), name, fill="black")
+        x += 20 + 7 * len(name) + 12
+    image.save(path)
+
+
+def write_report(report: dict[str, Any], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"step-{report['date']}-{report['hardware']}"
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
+    Path(f"{stem}.md").write_text(markdown(report))
+    chart(report, Path(f"{stem}.png"))
+    return Path(f"{stem}.md")
+
+
+# ------------------------------------------------------------------------------------------------ parent
+
+
+def launch(
+    args: argparse.Namespace, variant: str, gpus: int, data: Path, result: Path
+) -> dict[str, Any] | None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
+    command += [__file__, "--child", "--variant", variant, "--world", str(gpus), "--data", str(data)]
+    command += ["--result", str(result), *passthrough(args)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    started = time.time()
+    done = subprocess.run(command, cwd=ROOT, env=env)
+    if done.returncode != 0 or not result.is_file():
+        print(f"{variant} x{gpus}: failed (exit {done.returncode})", flush=True)
+        return None
+    run = json.loads(result.read_text())
+    print(
+        f"{variant} x{gpus}: {run['step_ms']:.1f} ms/step, {run['samples_per_s']:,.0f} samples/s "
+        f"({time.time() - started:.0f}s)",
+        flush=True,
+    )
+    return run
+
+
+def passthrough(args: argparse.Namespace) -> list[str]:
+    out = ["--batch-size", str(args.batch_size), "--preload", str(args.preload), "--warmup", str(args.warmup)]
+    out += [
+        "--steps",
+        str(args.steps),
+        "--profile-steps",
+        str(args.profile_steps),
+        "--workers",
+        str(args.workers),
+    ]
+    out += ["--reader-steps", str(args.reader_steps), "--reader-warmup", str(args.reader_warmup)]
+    out += [flag for flag, on in (("--small", args.small), ("--cpu", args.cpu)) if on]
+    out += [] if args.reader else ["--no-reader"]
+    for item in args.overrides:
+        out += ["--set", item]
+    return out
+
+
+def commit() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno"], cwd=ROOT, capture_output=True, text=True
+        )
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {list(VARIANTS)}")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts, each a run per variant")
+    parser.add_argument("--batch-size", type=int, default=2048, help="per GPU")
+    parser.add_argument("--preload", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument(
+        "--no-reader", dest="reader", action="store_false", help="skip the reader-included run"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=14, help="DataLoader workers in all (split over ranks)"
+    )
+    parser.add_argument("--reader-steps", type=int, default=10)
+    parser.add_argument("--reader-warmup", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=32768)
+    parser.add_argument("--samples-per-shard", type=int, default=1024)
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--long-history", type=int, default=1000)
+    parser.add_argument("--small", action="store_true", help="small towers (a smoke run)")
+    parser.add_argument("--cpu", action="store_true", help="gloo on CPU, float32, ZeRO 0")
+    parser.add_argument("--data-dir", default="/tmp/lemur-bench-data")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--report-from", help="rewrite the markdown and chart from this JSON report")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=C")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return 0
+    if args.report_from:
+        print(write_report(json.loads(Path(args.report_from).read_text()), Path(args.out)))
+        return 0
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    data = ensure_data(args)
+    report: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "hardware": hardware_name(args.cpu),
+        "host": platform.node(),
+        "commit": commit(),
+        "command": "python benchmarks/step.py " + " ".join(sys.argv[1:]),
+        "small": args.small,
+        "batch_size": args.batch_size,
+        "long_history": args.long_history,
+        "samples": args.samples,
+        "items": args.items,
+        "runs": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for gpus in args.gpus:
+            for variant in variants:
+                run = launch(args, variant, gpus, data, Path(tmp) / f"{variant}-{gpus}.json")
+                if run is not None:
+                    report["runs"].append(run)
+                    report["torch"] = run.get("torch_version")
+    if not report["runs"]:
+        return 1
+    print(write_report(report, Path(args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
