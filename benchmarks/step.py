@@ -134,8 +134,12 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = load_config("lemur", run_overrides(args, args.variant, Path(args.data), out_dir, args.world))
         trainer = Trainer(cfg, info)
-        stream = iter(trainer.train_stream)
-        batches = [next(stream).to(device, non_blocking=True) for _ in range(args.preload)]
+        # Preloaded from a worker-less reader: the trainer's own stream (its workers prefetching on every core)
+        # starts only for the reader-included run, so it cannot slow the reader-excluded steps.
+        workers, cfg.data.num_workers = cfg.data.num_workers, 0
+        preload = iter(trainer.batches("train"))
+        cfg.data.num_workers = workers
+        batches = [next(preload).to(device, non_blocking=True) for _ in range(args.preload)]
 
         def steps(n: int, source: Any = None) -> float:
             sync(device)
@@ -170,6 +174,7 @@ def child(args: argparse.Namespace) -> None:
                 flops / (result["step_ms"] / 1e3) / PEAK_BF16 if device.type == "cuda" else None
             )
         if args.reader:
+            stream = iter(trainer.train_stream)
             steps(args.reader_warmup, stream)
             seconds = steps(args.reader_steps, stream)
             result["reader_samples_per_s"] = (
