@@ -46,6 +46,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.memory_bank import SMALL_MODEL  # noqa: E402  (the same small towers as the bank benchmark)
+
 VARIANTS: dict[str, list[str]] = {
     "id_only": ["model.use_content=false", "memory_bank.enabled=false"],
     "content": ["memory_bank.enabled=false"],
@@ -55,18 +57,6 @@ VARIANTS: dict[str, list[str]] = {
 PHASES = ["h2d", "embed", "content", "dense_forward", "loss", "backward", "optimizer", "bank_write"]
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 PEAK_BF16 = 989e12  # H100/H200 dense bf16 (trainer/flops.py)
-SMALL_MODEL = [
-    "model.text_tower.layers=1",
-    "model.text_tower.hidden=32",
-    "model.query_tower.hidden=32",
-    "model.content_dim=16",
-    "model.ranker_hidden=32",
-    "model.ranker_tokens=4",
-    "model.longer_layers=1",
-    "model.text_max_tokens=[8, 16, 8]",
-    "embeddings.dim=8",
-    "embeddings.hash_size=10007",
-]
 
 
 # ------------------------------------------------------------------------------------------------ data

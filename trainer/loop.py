@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 from tqdm import tqdm
 
+from embeddings.memory_bank import MemoryBank
 from embeddings.sharding import ShardingOptions, describe_plan, shard_sparse
 from trainer.checkpoint import (
     Checkpointer,
@@ -83,7 +84,6 @@ class Trainer:
         self.out_dir = Path(cfg.logging.out_dir)
         self.spec = read_spec(cfg.data.path)
         self.plan = plan_id_tables(self.spec, cfg.embeddings)
-        self.with_content_source = cfg.memory_bank.enabled
         self.train_stream = self.batches("train", pin_memory=info.device.type == "cuda")
         collator = self.train_stream.dataset.collator
         seed_everything(cfg.training.seed)
@@ -146,7 +146,7 @@ class Trainer:
         return self.step_module.content
 
     @property
-    def bank(self):  # type: ignore[no-untyped-def]
+    def bank(self) -> MemoryBank | None:
         """The memory bank (None unless memory_bank.mode is bank)."""
         source = self.content_source
         return source.bank if isinstance(source, BankContent) else None
@@ -161,7 +161,7 @@ class Trainer:
             self.info.world_size,
             pin_memory=pin_memory,
             table_rows=self.plan.rows,
-            raw_histories=self.with_content_source,
+            raw_histories=self.cfg.memory_bank.enabled,  # a content source looks histories up by raw id
             pad_to_longest=True,
         )
 
@@ -172,10 +172,11 @@ class Trainer:
         """Everything an exact resume needs, in load order: the phase first (it may rebuild the engine), the RNG
         last. `weights_only`: the model only (eval, export; the tables and the bank reshard to any rank count)."""
         sparse = ModelState(self.model.sparse, None if weights_only else self.dmp.fused_optimizer)
+        # Weights only: the saved phase applies (the shape the weights belong to), read from rank 0's file by any
+        # number of ranks; the step does not.
+        phase_only = TrainState(self.state.phase, self.enter_phase, progress=False)
         parts: dict[str, CheckpointPart] = {
-            "trainer": RankState(
-                self.state if not weights_only else self.phase_state(), 0 if weights_only else None
-            ),
+            "trainer": RankState(phase_only, 0) if weights_only else RankState(self.state),
             "sparse": ShardedState(sparse),
             "dense": EngineState(lambda: self.engine, optimizer=not weights_only),
         }
@@ -185,11 +186,6 @@ class Trainer:
             parts["reader"] = RankState(self.train_stream)
             parts["rng"] = RankState(RngState())
         return parts
-
-    def phase_state(self) -> TrainState:
-        """The trainer state for a weights-only load: the saved phase applies, the step does not."""
-        state = TrainState(self.state.phase, self.enter_phase, progress=False)
-        return state
 
     def resume(self, checkpoint: str) -> None:
         """Continue from `checkpoint` ('auto': the latest in the run directory, if any)."""
