@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from embeddings.tables import hash_kjt
 from trainer.config.schema import ConfigError
 from trainer.data.batch import Batch, Tokens
+from trainer.data.item_tokens import ItemTokens
 from trainer.data.spec import DatasetSpec
 
 PAD_MULTIPLE = 8
@@ -149,24 +150,50 @@ def keyed(
 
 
 class Collator:
-    def __init__(self, spec: CollateSpec, tokenizer: PreTrainedTokenizerFast) -> None:
+    def __init__(
+        self, spec: CollateSpec, tokenizer: PreTrainedTokenizerFast, items: ItemTokens | None = None
+    ) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
+        self.items = items
+        """Items tokenised once (`item_tokens.py`): the target's text fields are joined by item id, not tokenised."""
 
     def tokens(self, texts: list[str], budget: int) -> Tokens:
-        # Padded to the budget (or, with pad_to_longest, to the longest row), so every row has the same length.
-        # Lists, then one numpy copy: the tokenizer's own return_tensors="pt" walks every token in Python first and
-        # costs as much again as the tokenising.
+        return self.as_tokens(*self.encode(texts, budget))
+
+    def encode(self, texts: list[str], budget: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and mask [n, budget], padded to the budget. Lists, then one numpy copy: the tokenizer's own
+        return_tensors="pt" walks every token in Python first and costs as much again as the tokenising."""
         enc = self.tokenizer(texts, max_length=budget, truncation=True, padding="max_length")
         ids = np.array(enc["input_ids"], dtype=np.int64).reshape(len(texts), budget)
-        mask = np.array(enc["attention_mask"], dtype=np.int64).reshape(len(texts), budget)
-        if self.spec.pad_to_longest and len(texts):
+        return ids, np.array(enc["attention_mask"], dtype=np.int64).reshape(len(texts), budget)
+
+    def as_tokens(self, ids: np.ndarray, mask: np.ndarray) -> Tokens:
+        """Every row the same length: the budget, or with pad_to_longest the longest row (rounded up)."""
+        if self.spec.pad_to_longest and len(ids):
             longest = int(mask.sum(1).max())
-            width = min(budget, -(-max(longest, 1) // PAD_MULTIPLE) * PAD_MULTIPLE)
+            width = min(ids.shape[1], -(-max(longest, 1) // PAD_MULTIPLE) * PAD_MULTIPLE)
             ids, mask = ids[:, :width], mask[:, :width]
         return Tokens(
             torch.from_numpy(np.ascontiguousarray(ids)), torch.from_numpy(np.ascontiguousarray(mask))
         )
+
+    def item_text(self, samples: list[dict[str, Any]]) -> dict[str, Tokens]:
+        """The target items' text fields: joined from the item token table by id (tokenised from the sample's own
+        text where the item is not in it), or tokenised per sample without a table."""
+        budgets = self.spec.text_fields
+        if self.items is None:
+            return {f: self.tokens([x["text"][f] for x in samples], b) for f, b in budgets.items()}
+        rows, found = self.items.rows_of(np.fromiter((x["item_id"] for x in samples), np.int64, len(samples)))
+        missing = np.flatnonzero(~found)
+        text = {}
+        for f, budget in budgets.items():
+            ids = self.items.tokens[f][rows].astype(np.int64)
+            mask = (np.arange(budget)[None, :] < self.items.lengths[f][rows][:, None]).astype(np.int64)
+            if len(missing):
+                ids[missing], mask[missing] = self.encode([samples[i]["text"][f] for i in missing], budget)
+            text[f] = self.as_tokens(ids, mask)
+        return text
 
     def __call__(self, samples: list[dict[str, Any]], valid: list[bool] | None = None) -> Batch:
         s = self.spec
@@ -204,9 +231,7 @@ class Collator:
             dense=torch.tensor([x["dense"] for x in samples], dtype=torch.float32).reshape(
                 len(samples), len(s.dense)
             ),
-            text={
-                f: self.tokens([x["text"][f] for x in samples], budget) for f, budget in s.text_fields.items()
-            },
+            text=self.item_text(samples),
             query=self.tokens([x["query"] for x in samples], s.query_tokens) if s.query_tokens else None,
             images=torch.from_numpy(images),
             image_mask=torch.from_numpy(image_mask),

@@ -23,6 +23,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from trainer.config.schema import Config
 from trainer.data.batch import Batch
 from trainer.data.collate import CollateSpec, Collator, collate_spec, empty_sample
 from trainer.data.decode import BadSample, Limits, RawSample, SkipCounter, parse_sample, tar_samples
+from trainer.data.item_tokens import ItemTokens, load_item_tokens
 from trainer.data.shard_lists import ShardRef, assign_shards, epoch_order, expand_shards, reader_sample_counts
 from trainer.data.spec import DatasetSpec, read_spec
 from trainer.data.tokenizer import resolve_tokenizer
@@ -64,11 +66,12 @@ class ShardDataset(IterableDataset):
         settings: ReaderSettings,
         rank: int = 0,
         world_size: int = 1,
+        items: ItemTokens | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.shards, self.spec, self.settings = shards, spec, settings
-        self.collator = Collator(collate, tokenizer)
+        self.collator = Collator(collate, tokenizer, items)
         self.rank, self.world_size = rank, world_size
         self.readers = max(1, settings.num_workers)
         self.epoch = 0
@@ -319,5 +322,6 @@ def make_batch_stream(
         raw_histories,
         pad_to_longest,
     )
-    dataset = ShardDataset(shards, spec, collate, tokenizer, settings, rank, world_size)
+    items = load_item_tokens(Path(data.path) / "items.parquet", tokenizer, collate.text_fields)
+    dataset = ShardDataset(shards, spec, collate, tokenizer, settings, rank, world_size, items)
     return BatchStream(dataset, pin_memory=pin_memory, epochs=epochs if split == "train" else 1)
