@@ -332,6 +332,14 @@ def cell_overrides(args: argparse.Namespace, data: Path, mode: str, history: int
         "data.shuffle_buffer=256",
         f'training.dtype="{args.dtype}"',
         "distributed.zero_stage=2",
+        *timed_run(out_dir),
+    ]
+    return overrides + (SMALL_MODEL if args.small else []) + args.overrides
+
+
+def timed_run(out_dir: str) -> list[str]:
+    """A run that only trains: no eval, checkpoint, log lines, progress bar or TensorBoard in the timed steps."""
+    return [
         "training.eval_every=0",
         "training.checkpoint_every=0",
         "logging.log_every=1000000",
@@ -339,7 +347,6 @@ def cell_overrides(args: argparse.Namespace, data: Path, mode: str, history: int
         "logging.tensorboard=false",
         f'logging.out_dir="{out_dir}"',
     ]
-    return overrides + (SMALL_MODEL if args.small else []) + args.overrides
 
 
 def history_stats(batches: list[Any]) -> dict[str, float]:

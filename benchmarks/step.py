@@ -46,7 +46,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.memory_bank import SMALL_MODEL  # noqa: E402  (the same small towers as the bank benchmark)
+from benchmarks.memory_bank import SMALL_MODEL, timed_run  # noqa: E402  (shared with the bank benchmark)
 
 VARIANTS: dict[str, list[str]] = {
     "id_only": ["model.use_content=false", "memory_bank.enabled=false"],
@@ -94,12 +94,7 @@ def run_overrides(args: argparse.Namespace, variant: str, data: Path, out_dir: s
         f"data.batch_size={args.batch_size}",
         f"data.num_workers={workers}",
         "data.shuffle_buffer=1000",
-        "training.eval_every=0",
-        "training.checkpoint_every=0",
-        "logging.log_every=1000000",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        f'logging.out_dir="{out_dir}"',
+        *timed_run(out_dir),
         *(SMALL_MODEL if args.small else []),
         *(['training.dtype="float32"', "distributed.zero_stage=0"] if args.cpu else []),
         *VARIANTS[variant],

@@ -564,7 +564,7 @@ class MemoryBank:
         order = by_fresh[by_id]
         sorted_ids = table_ids[order]
         last = _last_of_runs(sorted_ids)
-        # Runs collapse onto their last entry: every position of a run points at it (a cumulative max of indices).
+        # Runs collapse onto their last entry: every position points at the next run end (a reverse cummin).
         run_end = torch.where(last, torch.arange(last.numel(), device=last.device), last.numel())
         run_end = torch.flip(torch.cummin(torch.flip(run_end, [0]), 0).values, [0])
         slot = torch.searchsorted(sorted_ids, hist).clamp_(max=sorted_ids.numel() - 1)

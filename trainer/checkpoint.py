@@ -71,15 +71,13 @@ class RankState:
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        world_size = dist.get_world_size() if dist.is_initialized() else 1
-        record = {"world_size": world_size, "state": self.state.state_dict()}
-        torch.save(record, directory / rank_file(dist.get_rank() if dist.is_initialized() else 0))
+        rank, world_size = rank_and_world()
+        torch.save({"world_size": world_size, "state": self.state.state_dict()}, directory / rank_file(rank))
 
     def load(self, directory: Path) -> None:
-        rank = self.source_rank if self.source_rank is not None else dist.get_rank()
-        path = directory / rank_file(rank)
+        rank, world_size = rank_and_world()
+        path = directory / rank_file(self.source_rank if self.source_rank is not None else rank)
         if not path.is_file():
-            world_size = dist.get_world_size() if dist.is_initialized() else 1
             raise FileNotFoundError(f"{path}: missing; was the checkpoint written by {world_size} ranks?")
         record = torch.load(path, weights_only=False)  # our own file: positions, RNG states
         self.state.load_state_dict(record["state"])
@@ -87,6 +85,10 @@ class RankState:
 
 def rank_file(rank: int) -> str:
     return f"rank{rank:05d}.pt"
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 class ModelState:
@@ -171,10 +173,10 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"{path}: not a complete checkpoint for this run: no {', '.join(missing)}"
             )
-        for name, part in self.parts.items():
-            if (path / name).is_dir():
-                part.load(path / name)
-        log.info("loaded %s from %s", ", ".join(n for n in self.parts if (path / n).is_dir()), path)
+        present = {name: part for name, part in self.parts.items() if (path / name).is_dir()}
+        for name, part in present.items():
+            part.load(path / name)
+        log.info("loaded %s from %s", ", ".join(present), path)
 
     def missing_parts(self, path: Path) -> list[str]:
         return [f"{n}/" for n in self.parts if n not in self.optional and not (path / n).is_dir()]

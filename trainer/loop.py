@@ -101,10 +101,10 @@ class Trainer:
         if cfg.training.compile:
             log.info("torch.compile: %s", ", ".join(compile_blocks(model.dense)))
         self.items = ItemsParquet(Path(cfg.data.path) / "items.parquet", collator)
-        content = build_content_source(
-            cfg, self.spec, model.dense.content, self.items, info.device, info.rank
-        )
         dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else torch.float32
+        content = build_content_source(
+            cfg, self.spec, model.dense.content, self.items, info.device, dtype, info.rank
+        )
         step = LemurStep(model, content, cfg.training, dtype)
         try:
             self.dmp = shard_sparse(
@@ -172,11 +172,14 @@ class Trainer:
         """Everything an exact resume needs, in load order: the phase first (it may rebuild the engine), the RNG
         last. `weights_only`: the model only (eval, export; the tables and the bank reshard to any rank count)."""
         sparse = ModelState(self.model.sparse, None if weights_only else self.dmp.fused_optimizer)
-        # Weights only: the saved phase applies (the shape the weights belong to), read from rank 0's file by any
-        # number of ranks; the step does not.
-        phase_only = TrainState(self.state.phase, self.enter_phase, progress=False)
+        trainer = RankState(self.state)
+        if (
+            weights_only
+        ):  # the saved phase applies (the shape the weights belong to), from rank 0's file by any
+            # number of ranks; the step does not
+            trainer = RankState(TrainState(self.state.phase, self.enter_phase, progress=False), source_rank=0)
         parts: dict[str, CheckpointPart] = {
-            "trainer": RankState(phase_only, 0) if weights_only else RankState(self.state),
+            "trainer": trainer,
             "sparse": ShardedState(sparse),
             "dense": EngineState(lambda: self.engine, optimizer=not weights_only),
         }

@@ -36,16 +36,17 @@ def build_content_source(
     encoder: Encoder | None,
     items: ItemsParquet,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
     rank: int = 0,
 ) -> ContentSource | None:
     """The source `memory_bank` asks for (None when the bank is off: history tokens carry ID embeddings only).
-    `encoder` is the model's content encoder; `items` the dataset's items.parquet as encoder inputs."""
+    `encoder` is the model's content encoder; `items` the dataset's items.parquet as encoder inputs; `dtype` the
+    step's compute dtype."""
     if not cfg.memory_bank.enabled:
         return None
     assert encoder is not None, (
         "memory_bank.enabled needs model.use_content (the config refuses it otherwise)"
     )
-    dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else torch.float32
     if cfg.memory_bank.mode == "recompute":
         catalog = items.load()
         log.info("recompute mode: %d items in the catalog", len(catalog))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,21 +180,35 @@ class Collator:
         )
 
     def item_text(self, samples: list[dict[str, Any]]) -> dict[str, Tokens]:
-        """The target items' text fields: joined from the item token table by id (tokenised from the sample's own
-        text where the item is not in it), or tokenised per sample without a table."""
+        """The target items' text fields, as the towers take them."""
+        ids = np.fromiter((x["item_id"] for x in samples), np.int64, len(samples))
+        arrays = self.item_token_arrays(ids, lambda field, i: samples[i]["text"][field])
+        return {f: self.as_tokens(*arrays[f]) for f in arrays}
+
+    def item_token_arrays(
+        self, item_ids: np.ndarray, text_of: Callable[[str, int], str]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per text field, token ids and mask [n, budget] of these items: joined from the item token table by id,
+        tokenised from `text_of(field, row)` where an item is not in it (every row without a table). The reader
+        and the item catalog (recompute, bank warm-up, export) both take items' tokens from here."""
         budgets = self.spec.text_fields
         if self.items is None:
-            return {f: self.tokens([x["text"][f] for x in samples], b) for f, b in budgets.items()}
-        rows, found = self.items.rows_of(np.fromiter((x["item_id"] for x in samples), np.int64, len(samples)))
+            rows, found = np.zeros(len(item_ids), dtype=np.int64), np.zeros(len(item_ids), dtype=bool)
+        else:
+            rows, found = self.items.rows_of(item_ids)
         missing = np.flatnonzero(~found)
-        text = {}
+        arrays = {}
         for f, budget in budgets.items():
-            ids = self.items.tokens[f][rows].astype(np.int64)
-            mask = (np.arange(budget)[None, :] < self.items.lengths[f][rows][:, None]).astype(np.int64)
+            if self.items is None:
+                ids = np.zeros((len(item_ids), budget), dtype=np.int64)
+                mask = np.zeros_like(ids)
+            else:
+                ids = self.items.tokens[f][rows].astype(np.int64)
+                mask = (np.arange(budget)[None, :] < self.items.lengths[f][rows][:, None]).astype(np.int64)
             if len(missing):
-                ids[missing], mask[missing] = self.encode([samples[i]["text"][f] for i in missing], budget)
-            text[f] = self.as_tokens(ids, mask)
-        return text
+                ids[missing], mask[missing] = self.encode([text_of(f, int(i)) for i in missing], budget)
+            arrays[f] = (ids, mask)
+        return arrays
 
     def __call__(self, samples: list[dict[str, Any]], valid: list[bool] | None = None) -> Batch:
         s = self.spec
@@ -217,9 +232,8 @@ class Collator:
 
         sparse, sequences = jagged(s.pooled_keys, pooled_rows), jagged(s.sequence_keys, sequence_rows)
         raw_histories = None
-        if (
-            s.raw_histories
-        ):  # the histories follow the target item (one id per sample) in the key-major values
+        if s.raw_histories:
+            # the histories follow the target item (one id per sample) in the key-major values
             n = len(samples)
             per_key = sequences.length_per_key()[1:]
             raw_histories = keyed(s.sequences, sequences.values()[n:], sequences.lengths()[n:], n, per_key)

@@ -126,12 +126,10 @@ class ItemsParquet:
 
     def encoder_inputs(self, table: pa.RecordBatch) -> ItemCatalog:
         spec, path = self.collator.spec, self.path
-        ids = np.asarray(table.column("item_id").to_numpy(zero_copy_only=False))
-        tokens = {}
-        for f, budget in spec.text_fields.items():
-            texts = [t or "" for t in table.column(f).to_pylist()]
-            encoded = self.collator.tokens(texts, budget).input_ids if texts else torch.zeros(0, budget)
-            tokens[f] = encoded.to(torch.int32)
+        ids = np.asarray(table.column("item_id").to_numpy(zero_copy_only=False), dtype=np.int64)
+        columns = {f: table.column(f) for f in spec.text_fields}
+        arrays = self.collator.item_token_arrays(ids, lambda f, i: columns[f][i].as_py() or "")
+        tokens = {f: torch.from_numpy(token_ids).to(torch.int32) for f, (token_ids, _) in arrays.items()}
         n, size = spec.images_per_sample, spec.image_size
         images = torch.zeros(len(ids), n, 3, size, size, dtype=torch.uint8)
         mask = torch.zeros(len(ids), n, dtype=torch.bool)
