@@ -5,6 +5,8 @@
     python benchmarks/step.py --gpus 1 2                       # the same on 1 and 2 GPUs, side by side
     python benchmarks/step.py --variants lemur --no-reader     # one variant, reader excluded only
     python benchmarks/step.py --small --batch-size 64 --samples 2048   # a CPU smoke run in a few minutes
+    python benchmarks/step.py --variants lemur --arm 'ref:optimizer.fused=false' \
+        --arm 'autocast:training.bf16_mode="autocast";distributed.zero_stage=0'   # config arms side by side
 
 Variants (the lemur preset, text only, histories 1,000 / 50, bf16, ZeRO-2 on GPU):
   id_only    model.use_content = false, no bank
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -54,6 +57,8 @@ VARIANTS: dict[str, list[str]] = {
     "lemur": [],
     "bank_p1": ["memory_bank.forward_share=1.0", "memory_bank.backward_share=1.0"],
 }
+Arm = tuple[str, list[str]]
+"""A labelled set of config overrides that every (variant, GPU count) also runs under (`--arm`)."""
 PHASES = ["h2d", "embed", "content", "dense_forward", "loss", "backward", "optimizer", "bank_write"]
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 PEAK_BF16 = 989e12  # H100/H200 dense bf16 (trainer/flops.py)
@@ -202,7 +207,10 @@ def peak_memory(device: Any) -> float | None:
 
 
 def profile_steps(trainer: Any, batches: list[Any], device: Any, n: int) -> dict[str, Any]:
-    """Kernels, syncs and per-phase GPU time per step from torch.profiler over `n` steps."""
+    """Kernels, syncs (and the op that made each: `sync_callers`) and per-phase GPU time per step from
+    torch.profiler over `n` steps."""
+    import collections
+
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -227,7 +235,15 @@ def profile_steps(trainer: Any, batches: list[Any], device: Any, n: int) -> dict
             phases[e.name] += device_time(e) / 1e3
         elif e.name.startswith("autograd::engine::evaluate_function"):  # backward runs on autograd's threads
             phases["backward"] += device_time(e) / 1e3
+    callers: collections.Counter = collections.Counter()
+    for e in cpu:
+        if e.name in SYNC_CALLS:
+            parent = e.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            callers[parent.name if parent is not None else "outside an op (the profile's closing sync)"] += 1
     return {
+        "sync_callers": {k: v / n for k, v in callers.most_common() if v},
         "kernel_ms": union_ms([(e.time_range.start, e.time_range.end) for e in on_gpu]) / n,
         "kernels_per_step": len(kernels) / n,
         "stream_syncs_per_step": (count(SYNC_CALLS) - (1 if device.type == "cuda" else 0)) / n,
@@ -280,8 +296,13 @@ def sync_sources(trainer: Any, batch: Any) -> list[list[Any]]:
 
     counts: collections.Counter = collections.Counter()
 
+    on_gpu = trainer.info.device.type == "cuda"
+
     def syncs(func: Any, args: tuple, kwargs: dict) -> bool:
         name = str(func)
+        host_tensor = isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu" if args else False
+        if on_gpu and host_tensor:  # e.g. fbgemm's CPU iteration counter: its .item() waits for nothing
+            return False
         if name.startswith(SYNCING_OPS) or (
             name.startswith("aten.repeat_interleave") and "output_size" not in kwargs
         ):
@@ -423,9 +444,14 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["runs"]:
         top = ", ".join(f"{op} x{n} ({where or '?'})" for op, where, n in r.get("sync_sources", [])[:8])
         lines.append(f"- {r['variant']} x{r['gpus']}: {top or 'none'}")
+    lines += ["", "Stream syncs per step in the profile, by the op that made them:", ""]
+    for r in report["runs"]:
+        top = ", ".join(f"{op} {n:g}" for op, n in r.get("sync_callers", {}).items())
+        lines.append(f"- {r['variant']} x{r['gpus']}: {top or 'none'}")
+    names = list(dict.fromkeys(r["variant"] for r in report["runs"]))
     scaling = [
         (v, two["samples_per_s"] / one["samples_per_s"])
-        for v in VARIANTS
+        for v in names
         for one in report["runs"]
         for two in report["runs"]
         if one["variant"] == two["variant"] == v and one["gpus"] == 1 and two["gpus"] == 2
@@ -495,11 +521,15 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
 
 
 def launch(
-    args: argparse.Namespace, variant: str, gpus: int, data: Path, result: Path
+    args: argparse.Namespace, variant: str, gpus: int, data: Path, result: Path, arm: Arm = ("", [])
 ) -> dict[str, Any] | None:
+    label, overrides = arm
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
     command += [__file__, "--child", "--variant", variant, "--world", str(gpus), "--data", str(data)]
     command += ["--result", str(result), *passthrough(args)]
+    for item in overrides:
+        command += ["--set", item]
+    variant = f"{variant} [{label}]" if label else variant
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     started = time.time()
     done = subprocess.run(command, cwd=ROOT, env=env)
@@ -507,6 +537,7 @@ def launch(
         print(f"{variant} x{gpus}: failed (exit {done.returncode})", flush=True)
         return None
     run = json.loads(result.read_text())
+    run["variant"], run["arm"], run["arm_overrides"] = variant, label, overrides
     print(
         f"{variant} x{gpus}: {run['step_ms']:.1f} ms/step, {run['samples_per_s']:,.0f} samples/s "
         f"({time.time() - started:.0f}s)",
@@ -531,6 +562,13 @@ def passthrough(args: argparse.Namespace) -> list[str]:
     for item in args.overrides:
         out += ["--set", item]
     return out
+
+
+def parse_arm(text: str) -> Arm:
+    label, _, overrides = text.partition(":")
+    if not label or not overrides:
+        raise SystemExit(f"--arm {text!r}: expected LABEL:A.B=C[;D.E=F...]")
+    return label, [o.strip() for o in overrides.split(";") if o.strip()]
 
 
 def commit() -> str:
@@ -575,6 +613,14 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--report-from", help="rewrite the markdown and chart from this JSON report")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=C")
+    parser.add_argument(
+        "--arm",
+        dest="arms",
+        action="append",
+        default=[],
+        metavar="LABEL:A.B=C;D.E=F",
+        help="run every variant again under these overrides, labelled (repeatable; side by side in one report)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
@@ -591,6 +637,7 @@ def main() -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    arms = [parse_arm(text) for text in args.arms] or [("", [])]
     data = ensure_data(args)
     report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
@@ -606,12 +653,11 @@ def main() -> int:
         "runs": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
-        for gpus in args.gpus:
-            for variant in variants:
-                run = launch(args, variant, gpus, data, Path(tmp) / f"{variant}-{gpus}.json")
-                if run is not None:
-                    report["runs"].append(run)
-                    report["torch"] = run.get("torch_version")
+        for (i, arm), gpus, variant in itertools.product(enumerate(arms), args.gpus, variants):
+            run = launch(args, variant, gpus, data, Path(tmp) / f"{variant}-{gpus}-{i}.json", arm)
+            if run is not None:
+                report["runs"].append(run)
+                report["torch"] = run.get("torch_version")
     if not report["runs"]:
         return 1
     print(write_report(report, Path(args.out)))

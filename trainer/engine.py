@@ -23,16 +23,41 @@ from trainer.config.schema import Config
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """Everything DeepSpeed needs, derived from our config (no separate JSON to keep in sync)."""
+    training = cfg.training
+    bf16 = training.dtype == "bfloat16"
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.training.grad_accum,
-        "train_batch_size": cfg.data.batch_size * cfg.training.grad_accum * world_size,
-        "gradient_clipping": cfg.training.grad_clip,
+        "gradient_accumulation_steps": training.grad_accum,
+        "train_batch_size": cfg.data.batch_size * training.grad_accum * world_size,
+        "gradient_clipping": 0.0 if clips_itself(cfg) else training.grad_clip,
         "zero_optimization": {"stage": cfg.distributed.zero_stage},
-        "bf16": {"enabled": cfg.training.dtype == "bfloat16"},
+        "bf16": {
+            "enabled": bf16 and training.bf16_mode == "weights",
+            "check_grad_overflow": training.overflow_check,
+        },
+        "torch_autocast": {"enabled": bf16 and training.bf16_mode == "autocast", "dtype": "bfloat16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def clips_itself(cfg: Config) -> bool:
+    """ZeRO 0: the trainer clips the dense gradients with torch's foreach clip (a few kernels for all tensors);
+    DeepSpeed's own ZeRO-0 clip loops over the tensors in Python. ZeRO 1/2 clip their flat partitions."""
+    return cfg.distributed.zero_stage == 0 and cfg.training.grad_clip > 0
+
+
+def clip_gradients(cfg: Config, engine: deepspeed.DeepSpeedEngine) -> None:
+    """Between `engine.backward` and `engine.step` where `clips_itself`: the global-norm clip, no host sync."""
+    if clips_itself(cfg):
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, cfg.training.grad_clip, foreach=True)
+
+
+def autocast_dtype(cfg: Config) -> torch.dtype | None:
+    """The dtype the step runs under torch.autocast, or None where the weights carry the dtype themselves."""
+    training = cfg.training
+    return torch.bfloat16 if training.dtype == "bfloat16" and training.bf16_mode == "autocast" else None
 
 
 def lr_lambda(cfg: Config, steps: int | None = None):  # type: ignore[no-untyped-def]
@@ -54,11 +79,12 @@ def lr_lambda(cfg: Config, steps: int | None = None):  # type: ignore[no-untyped
 
 def build_optimizer(cfg: Config, module: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in module.parameters() if p.requires_grad]
-    if cfg.optimizer.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.optimizer.lr, momentum=0.9, weight_decay=cfg.optimizer.weight_decay
-        )
-    return torch.optim.AdamW(params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
+    opt = cfg.optimizer
+    # torch's fused kernels exist for CUDA and CPU parameters; None lets torch pick its default loop elsewhere.
+    fused = opt.fused and all(p.device.type in ("cuda", "cpu") for p in params) or None
+    if opt.name == "sgd":
+        return torch.optim.SGD(params, lr=opt.lr, momentum=0.9, weight_decay=opt.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay, fused=fused)
 
 
 def skip_cpu_shm_comm_op() -> None:
@@ -81,6 +107,9 @@ def wrap_dense(
     engine, _, _, _ = deepspeed.initialize(
         model=dense, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
+    if cfg.distributed.zero_stage == 0 and world_size == 1:
+        # One rank has nothing to all-reduce; DeepSpeed would still flatten and copy back every gradient.
+        engine.enable_backward_allreduce = False
     return engine
 
 

@@ -34,7 +34,14 @@ from trainer.data.item_catalog import ItemsParquet
 from trainer.data.reader import BatchStream, make_batch_stream
 from trainer.data.spec import read_spec
 from trainer.distributed import DistInfo
-from trainer.engine import EngineState, compile_blocks, release, wrap_dense
+from trainer.engine import (
+    EngineState,
+    autocast_dtype,
+    clip_gradients,
+    compile_blocks,
+    release,
+    wrap_dense,
+)
 from trainer.flops import FlopMeter
 from trainer.logger import MetricsLogger
 from trainer.metrics import EvalAccumulator
@@ -105,7 +112,7 @@ class Trainer:
         content = build_content_source(
             cfg, self.spec, model.dense.content, self.items, info.device, dtype, info.rank
         )
-        step = LemurStep(model, content, cfg.training, dtype)
+        step = LemurStep(model, content, cfg.training, dtype, autocast_dtype(cfg))
         try:
             self.dmp = shard_sparse(
                 step, model.sparse, sharding_options(cfg), info.device, cfg.data.batch_size
@@ -218,6 +225,7 @@ class Trainer:
             with record_function("backward"):
                 self.engine.backward(loss)
         with record_function("optimizer"):
+            clip_gradients(self.cfg, self.engine)
             self.engine.step()
         measure = (self.step + 1) % self.cfg.logging.log_every == 0
         self.step_module.after_step(batch, output, self.step, measure)
@@ -266,7 +274,7 @@ class Trainer:
         # Redrawn often on a terminal; in a log file a line every 30 s is plenty.
         interval = 0.5 if sys.stderr.isatty() else 30.0
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not show, desc="train", mininterval=interval)
-        window = Window()
+        window = Window(self.step)
         history: list[float] = []
         results: dict[str, Any] = {}
         while self.step < cfg.steps:
@@ -281,10 +289,11 @@ class Trainer:
                 values = self.log_train(window)
                 history.append(values["loss"])
                 bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
-                window = Window()
+                window = Window(self.step)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 self.log_eval(self.evaluate())
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self.step_losses(window)  # never a checkpoint after a non-finite loss
                 self.checkpointer.save(self.step)
         bar.close()
         results["eval"] = self.evaluate()
@@ -296,15 +305,31 @@ class Trainer:
         log.info("%s", self.train_stream.report())
         return results
 
+    def step_losses(self, window: Window) -> torch.Tensor:
+        """The window's losses summed over ranks, one per step (float64, on the host): the only host sync of the
+        loss, at log and checkpoint steps. Raises `NonFiniteLoss` (on every rank alike) naming the first step
+        whose loss is inf or NaN on any rank."""
+        losses = window.stacked(self.info.device)
+        dist.all_reduce(losses)
+        losses = losses.cpu()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            raise NonFiniteLoss(
+                f"step {window.first_step + int(bad[0]) + 1}: the training loss is {losses[bad[0]].item()} "
+                f"(on at least one of {self.info.world_size} ranks); stopped before writing a checkpoint. "
+                "Lower optimizer.lr, raise optimizer.warmup_steps or set training.grad_clip, then resume from "
+                "the last checkpoint."
+            )
+        return losses
+
     def log_train(self, window: Window) -> dict[str, float]:
-        totals = torch.tensor(
-            [window.loss_sum(), window.steps, window.samples], dtype=torch.float64, device=self.info.device
-        )
-        dist.all_reduce(totals)
+        losses = self.step_losses(window)
+        samples = torch.tensor([window.samples], dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(samples)
         seconds = time.perf_counter() - window.started
-        samples_per_s = totals[2].item() / seconds
+        samples_per_s = samples.item() / seconds
         values = {
-            "loss": totals[0].item() / max(1.0, totals[1].item()),
+            "loss": losses.sum().item() / max(1, window.steps * self.info.world_size),
             "lr": self.engine.get_lr()[0],
             "samples_per_s": samples_per_s,
             "samples_per_s_per_rank": samples_per_s / self.info.world_size,
@@ -332,13 +357,23 @@ class Trainer:
         self.metrics.close()
 
 
-class Window:
-    """Loss and throughput since the last log line."""
+class NonFiniteLoss(RuntimeError):
+    """The training loss diverged to inf or NaN."""
 
-    def __init__(self) -> None:
+
+class Window:
+    """Loss and throughput since the last log line, from the step after `first_step`."""
+
+    def __init__(self, first_step: int = 0) -> None:
+        self.first_step = first_step
         self.losses: list[torch.Tensor] = []  # kept as tensors: an .item() per step would sync the GPU
         self.samples = 0
         self.started = time.perf_counter()
+
+    def stacked(self, device: torch.device) -> torch.Tensor:
+        if not self.losses:
+            return torch.zeros(0, dtype=torch.float64, device=device)
+        return torch.stack(self.losses).to(device, torch.float64)
 
     def add(self, loss: torch.Tensor, samples: int) -> None:
         self.losses.append(loss)
@@ -347,6 +382,3 @@ class Window:
     @property
     def steps(self) -> int:
         return len(self.losses)
-
-    def loss_sum(self) -> float:
-        return float(torch.stack(self.losses).sum().item()) if self.losses else 0.0

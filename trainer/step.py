@@ -46,12 +46,16 @@ class LemurStep(nn.Module):
         content: ContentSource | None,
         objective: TrainingConfig,
         dtype: torch.dtype = torch.float32,
+        autocast: torch.dtype | None = None,
     ) -> None:
+        """`dtype`: what the embeddings are cast to before the dense arch; `autocast`: the dtype the content and
+        dense parts run under torch.autocast (None: off, the weights carry the dtype)."""
         super().__init__()
         self.model = model
         self.content = content
         self.objective = objective
         self.dtype = dtype
+        self.autocast = autocast
         # A bound method, not a module: the engine that replaces it wraps model.dense, which is already ours.
         self.dense_forward: DenseForward = model.dense.__call__
 
@@ -67,17 +71,19 @@ class LemurStep(nn.Module):
             embedded = self.model.embed(batch)
             if self.dtype != torch.float32:
                 embedded, batch = self.cast(embedded), replace(batch, dense=batch.dense.to(self.dtype))
-        content = None
-        if self.content is not None:
-            with record_function("content"):
-                content = self.content.prepare(batch, embedded, step, mode)
-            embedded.history_content = content.histories
-        elif mode == SERVE:
-            raise ValueError("scoring from the bank needs memory_bank.enabled with mode 'bank'")
-        with record_function("dense_forward"):
-            out = self.dense_forward(batch, embedded, content.target if content is not None else None)
-        with record_function("loss"):
-            loss = objective_loss(self.objective, batch, out)
+        device = embedded.pooled.device.type
+        with torch.autocast(device, self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            content = None
+            if self.content is not None:
+                with record_function("content"):
+                    content = self.content.prepare(batch, embedded, step, mode)
+                embedded.history_content = content.histories
+            elif mode == SERVE:
+                raise ValueError("scoring from the bank needs memory_bank.enabled with mode 'bank'")
+            with record_function("dense_forward"):
+                out = self.dense_forward(batch, embedded, content.target if content is not None else None)
+            with record_function("loss"):
+                loss = objective_loss(self.objective, batch, out)
         return loss, StepOutput(out, content)
 
     def after_step(self, batch: Batch, output: StepOutput, step: int, measure: bool) -> None:
