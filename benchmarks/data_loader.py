@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Data-loader benchmark: samples/s of the streaming reader (trainer/data/reader.py) at 0..N DataLoader workers.
 
-Modes (the shard shapes of the `lemur` and `em3` presets, on small synthetic datasets made here and cached):
+Modes (the shard shapes of the `lemur` and `em3` presets, on small synthetic datasets made here and cached; binary
+`.rec` sample records unless the mode says json):
   lemur-text   LEMUR: title/description/ocr at 31/124/12 tokens, 10-token query, histories of 50 and up to 1,000
+  lemur-text-json  the same with the JSON sample records (the first format), to compare in one run
   em3-image    EM3: one 224x224 JPEG per sample decoded to uint8, text at 32/64/16 tokens, histories of 50 and 500
   em3-text     the em3 shards with images off (the JPEG bytes are still read, never decoded)
 
@@ -108,6 +110,12 @@ class Mode:
     shape: str
     images: bool
     about: str
+    record: str = "binary"
+    """The shards' sample record: binary (`.rec`, the default since 2026-11-30) or json (the first format)."""
+
+    @property
+    def dataset(self) -> tuple[str, str]:
+        return self.shape, self.record
 
     @property
     def kind(self) -> str:
@@ -122,6 +130,13 @@ MODES = {
             "lemur",
             False,
             "lemur shape, text only (title 31, description 124, ocr 12, query 10)",
+        ),
+        Mode(
+            "lemur-text-json",
+            "lemur",
+            False,
+            "lemur-text with the JSON records (the format before the binary one), side by side",
+            "json",
         ),
         Mode("em3-image", "em3", True, "em3 shape, one 224x224 JPEG per sample decoded (text 32/64/16)"),
         Mode("em3-text", "em3", False, "em3 shards with images off (JPEG bytes read, not decoded)"),
@@ -139,14 +154,16 @@ the DataLoader workers) falls inside a measurement."""
 # ------------------------------------------------------------------------------------------------- datasets
 
 
-def dataset_dir(data_dir: Path, shape: str, samples: int) -> Path:
-    return data_dir / f"{shape}-{samples}"
+def dataset_dir(data_dir: Path, shape: str, samples: int, record: str = "binary") -> Path:
+    return data_dir / f"{shape}-{samples}{'-json' if record == 'json' else ''}"
 
 
-def ensure_dataset(data_dir: Path, shape_name: str, samples: int, regenerate: bool) -> Path:
-    """Generate the shape's dataset into data_dir/<shape>-<samples> unless an identical one is there already."""
+def ensure_dataset(data_dir: Path, dataset: tuple[str, str], samples: int, regenerate: bool) -> Path:
+    """Generate the (shape, record format) dataset into data_dir/<shape>-<samples>[-json] unless an identical one
+    is there already."""
+    shape_name, record = dataset
     shape = SHAPES[shape_name]
-    out = dataset_dir(data_dir, shape_name, samples)
+    out = dataset_dir(data_dir, shape_name, samples, record)
     eval_share = 0.05
     train = samples - max(1, round(samples * eval_share))
     overrides = [
@@ -154,6 +171,7 @@ def ensure_dataset(data_dir: Path, shape_name: str, samples: int, regenerate: bo
         f"num_samples={samples}",
         f"samples_per_shard={math.ceil(train / SHARDS_PER_SPLIT)}",
         f"eval_share={eval_share}",
+        f'record_format="{record}"',
         "workers=0",  # all cores
     ]
     cfg = load_config(shape.preset, [f"data.synth.{o}" for o in overrides])
@@ -367,7 +385,8 @@ def _stage_breakdown(mode: Mode, path: Path, args: argparse.Namespace) -> dict[s
     t_tar, _, raws = best_of(r, read)
     if len(raws) < n:
         raise RuntimeError(f"{path}: only {len(raws)} samples for the stage breakdown")
-    t_json, _, _ = best_of(r, lambda: [json.loads(x.members["json"]) for x in raws])
+    binary = all("rec" in x.members for x in raws)
+    t_json = 0.0 if binary else best_of(r, lambda: [json.loads(x.members["json"]) for x in raws])[0]
     t_parse, inside, samples = best_of(
         r,
         lambda: [parse_sample(x, ds.spec, limits) for x in raws],
@@ -383,11 +402,13 @@ def _stage_breakdown(mode: Mode, path: Path, args: argparse.Namespace) -> dict[s
             "hash": (collate_module, "hash_kjt"),
         },
     )
-    stages = {
-        "tar read": t_tar,
-        "json parse": t_json,
-        "validate (ids, text)": max(0.0, t_parse - t_json - inside["image"]),
-    }
+    record = "rec" if binary else "json"
+    stages = {"tar read": t_tar}
+    if binary:
+        stages["binary record: view + validate"] = max(0.0, t_parse - inside["image"])
+    else:
+        stages["json parse"] = t_json
+        stages["validate (ids, text)"] = max(0.0, t_parse - t_json - inside["image"])
     if mode.images:
         stages["image decode"] = inside["image"]
     stages["tokenise (text fields + query)"] = within["tokens"]
@@ -400,7 +421,8 @@ def _stage_breakdown(mode: Mode, path: Path, args: argparse.Namespace) -> dict[s
         "mode": mode.name,
         "samples": n,
         "us_per_sample": {k: v / n * 1e6 for k, v in stages.items()},
-        "json_bytes": sum(len(x.members["json"]) for x in raws) / n,
+        "record": record,
+        "record_bytes": sum(len(x.members[record]) for x in raws) / n,
         "mean_history": {k: sum(len(x["history"][k]) for x in samples) / n for k in ds.spec.history},
     }
     out["total_us"] = sum(out["us_per_sample"].values())
@@ -592,7 +614,8 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"## Where the time goes: {b['mode']} (CPU-µs per sample, one process and thread, {b['samples']} samples)",
             "",
-            f"JSON record {b['json_bytes'] / 1024:.1f} KiB; mean history lengths "
+            f"{'binary' if b.get('record') == 'rec' else 'JSON'} record "
+            f"{b.get('record_bytes', b.get('json_bytes', 0)) / 1024:.1f} KiB; mean history lengths "
             + ", ".join(f"{k} {v:.0f}" for k, v in b["mean_history"].items())
             + (f"; JPEG {b['jpeg_bytes'] / 1024:.1f} KiB" if "jpeg_bytes" in b else ""),
             "",
@@ -722,12 +745,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data-loader benchmark on {kind}: {cpu_model()}, {cores} cores, GPU {gpu or 'none'}", flush=True)
 
     paths = {
-        s: ensure_dataset(args.data_dir, s, args.samples, args.regenerate) for s in {m.shape for m in modes}
+        d: ensure_dataset(args.data_dir, d, args.samples, args.regenerate) for d in {m.dataset for m in modes}
     }
     results, breakdown = [], []
     for mode in modes:
         for w in workers:
-            r = measure(mode, paths[mode.shape], w, args)
+            r = measure(mode, paths[mode.dataset], w, args)
             results.append(r)
             print(
                 f"{mode.name:>10} {w:>3} workers: {r['samples_per_s']:>9,.0f} samples/s "
@@ -735,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         if not args.no_breakdown:
-            breakdown.append(stage_breakdown(mode, paths[mode.shape], args))
+            breakdown.append(stage_breakdown(mode, paths[mode.dataset], args))
             b = breakdown[-1]
             print(
                 f"{mode.name:>10} stages (µs/sample): "

@@ -217,7 +217,7 @@ def profile_steps(trainer: Any, batches: list[Any], device: Any, n: int) -> dict
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, with_stack=True) as prof:
         for i in range(n):
             trainer.train_step(batches[(trainer.step + i) % len(batches)])
             trainer.step += 1
@@ -238,10 +238,7 @@ def profile_steps(trainer: Any, batches: list[Any], device: Any, n: int) -> dict
     callers: collections.Counter = collections.Counter()
     for e in cpu:
         if e.name in SYNC_CALLS:
-            parent = e.cpu_parent
-            while parent is not None and not parent.name.startswith("aten::"):
-                parent = parent.cpu_parent
-            callers[parent.name if parent is not None else "outside an op (the profile's closing sync)"] += 1
+            callers[sync_caller(e)] += 1
     return {
         "sync_callers": {k: v / n for k, v in callers.most_common() if v},
         "kernel_ms": union_ms([(e.time_range.start, e.time_range.end) for e in on_gpu]) / n,
@@ -254,6 +251,19 @@ def profile_steps(trainer: Any, batches: list[Any], device: Any, n: int) -> dict
         "cpu_ops_per_step": sum(1 for e in cpu if e.name.startswith("aten::")) / n,
         "torch_version": torch.__version__,
     }
+
+
+def sync_caller(event: Any) -> str:
+    """The op (if any) and the nearest Python lines outside torch that made a stream sync."""
+    op, lines = None, []
+    parent = event.cpu_parent
+    while parent is not None and len(lines) < 2:
+        if op is None and parent.name.startswith("aten::"):
+            op = parent.name
+        elif ".py(" in parent.name and "torch/" not in parent.name and "<built-in" not in parent.name:
+            lines.append(parent.name.split("site-packages/")[-1].split(str(ROOT) + "/")[-1])
+        parent = parent.cpu_parent
+    return " <- ".join([op or "no op"] + lines) if op or lines else "the profile's closing sync"
 
 
 def device_time(event: Any) -> float:
@@ -444,7 +454,7 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["runs"]:
         top = ", ".join(f"{op} x{n} ({where or '?'})" for op, where, n in r.get("sync_sources", [])[:8])
         lines.append(f"- {r['variant']} x{r['gpus']}: {top or 'none'}")
-    lines += ["", "Stream syncs per step in the profile, by the op that made them:", ""]
+    lines += ["", "Stream syncs per step in the profile, by the op and the Python lines that made them:", ""]
     for r in report["runs"]:
         top = ", ".join(f"{op} {n:g}" for op, n in r.get("sync_callers", {}).items())
         lines.append(f"- {r['variant']} x{r['gpus']}: {top or 'none'}")

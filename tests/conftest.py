@@ -18,6 +18,7 @@ SMALL = [
     "data.synth.short_history=10",
     "data.synth.image_size=24",
     "data.synth.workers=2",
+    'data.synth.record_format="json"',  # the tests that read or corrupt records by hand read JSON
     "data.image_size=24",
     "data.vocab_size=500",
     "data.batch_size=16",
@@ -35,4 +36,17 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("small") / "data"
     cfg = small_config(out)
     synthesize(cfg.data.synth, out, vocab_size=cfg.data.vocab_size, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def binary_dataset(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`small_dataset` after `lemur data convert`: the same samples, tokenizer and items, in binary records."""
+    import shutil
+
+    from trainer.dataset_tools.convert import convert_dataset
+
+    out = tmp_path_factory.mktemp("binary") / "data"
+    shutil.copytree(small_dataset, out, ignore=shutil.ignore_patterns(".cache"))
+    convert_dataset(out, progress=False)
     return out

@@ -21,6 +21,7 @@ SMALL = [
     "data.synth.samples_per_shard=500",
     "data.synth.num_items=200",
     "data.synth.num_users=50",
+    'data.synth.record_format="json"',  # these tests edit JSON records; test_record.py inspects binary ones
 ]
 HEADINGS = [
     "== spec ==",

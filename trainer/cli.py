@@ -43,6 +43,18 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from trainer.dataset_tools.convert import convert_dataset
+
+    done = convert_dataset(args.path)
+    kept = ", ".join(f"{k}={v}" for k, v in sorted(done.kept_as_json.items())) or "none"
+    print(
+        f"{args.path}: {done.shards} shards ({done.samples} samples) rewritten with binary records, "
+        f"{done.already} already binary; bad samples kept as JSON: {kept}"
+    )
+    return 0
+
+
 def _import(args: argparse.Namespace) -> int:
     from trainer.dataset_tools.parquet_import import import_parquet
 
@@ -213,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--samples", type=int, default=3, help="decoded samples to print")
     ins.add_argument("--sheet", help="contact-sheet PNG path (default DIR/contact_sheet.png)")
     ins.set_defaults(func=_inspect)
+
+    conv = data.add_parser(
+        "convert",
+        help="rewrite a dataset's JSON sample records as binary ones (shard by shard, each replaced atomically)",
+    )
+    conv.add_argument("path", help="dataset directory")
+    conv.set_defaults(func=_convert)
     return parser
 
 

@@ -128,11 +128,21 @@ def jagged(keys: list[str], rows: list[dict[str, list[int]]]) -> KeyedJaggedTens
     host, and travel with the KJT: TorchRec would otherwise read them back from the device (a sync per step)."""
     per_sample = np.array([[len(row[k]) for row in rows] for k in keys], dtype=np.int32)
     lengths = per_sample.reshape(-1)
-    flat = itertools.chain.from_iterable(row[k] for k in keys for row in rows)
-    values = np.fromiter(flat, dtype=np.int64, count=int(lengths.sum()))
+    parts = [row[k] for k in keys for row in rows]
+    if all(type(part) is list for part in parts):  # JSON records
+        values = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64, count=int(lengths.sum()))
+    else:  # binary records: int64 arrays already
+        values = np.concatenate(
+            [np.asarray(part, dtype=np.int64) for part in parts] or [np.zeros(0, np.int64)]
+        )
     return keyed(
         keys, torch.from_numpy(values), torch.from_numpy(lengths), len(rows), per_sample.sum(1).tolist()
     )
+
+
+def rows_of(values: list[Any], width: int) -> torch.Tensor:
+    """[len(values), width] float32 from per-sample lists (JSON records) or arrays (binary records)."""
+    return torch.from_numpy(np.array(values, dtype=np.float32).reshape(len(values), width))
 
 
 def keyed(
@@ -242,14 +252,12 @@ class Collator:
         return Batch(
             sparse=sparse,
             sequences=sequences,
-            dense=torch.tensor([x["dense"] for x in samples], dtype=torch.float32).reshape(
-                len(samples), len(s.dense)
-            ),
+            dense=rows_of([x["dense"] for x in samples], len(s.dense)),
             text=self.item_text(samples),
             query=self.tokens([x["query"] for x in samples], s.query_tokens) if s.query_tokens else None,
             images=torch.from_numpy(images),
             image_mask=torch.from_numpy(image_mask),
-            labels=torch.tensor([x["labels"] for x in samples], dtype=torch.float32),
+            labels=rows_of([x["labels"] for x in samples], s.num_labels),
             user_id=column("user_id", torch.int64),
             item_id=column("item_id", torch.int64),
             query_id=column("query_id", torch.int64),

@@ -1,10 +1,14 @@
 """The on-disk format: `dataset.json` (versioned feature spec, counts, split) and the sample record.
 
 A shard is a plain tar. Per impression KEY:
-  KEY.json    ids, features, history, labels, text (the record below)
+  KEY.rec     the record below in binary (format lemur-rec, version 1: `trainer/data/record.py`), or
+  KEY.json    the record below as a JSON object (the first format; `lemur data convert` rewrites it as .rec)
   KEY.jpg     the target item's cover image; KEY.1.jpg, KEY.2.jpg, ... for more (JPEG or .png)
 
-The record (JSON object):
+The reader takes either record, even mixed in one shard; `lemur data synth` writes .rec unless
+data.synth.record_format = "json".
+
+The record (as JSON):
   user_id, item_id, timestamp              int (int64 range)            required
   labels                                   {name: 0|1}                  required, every spec label present
   query_id, session_id, request_id         int                          optional (search scenario)

@@ -18,6 +18,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from trainer.data import record as binary_record
 from trainer.data.decode import BadSample, RawSample, SkipCounter, tar_samples
 from trainer.data.spec import ID_FIELDS, IMAGE_EXTS, DatasetSpec, read_spec
 
@@ -48,9 +49,9 @@ PROBLEMS_SHOWN = 20
 
 
 def member_kind(ext: str) -> str:
-    """json, image or other: only the first two are ever decoded."""
-    if ext == "json":
-        return "json"
+    """json, rec (binary record), image or other: only the first three are ever decoded."""
+    if ext in ("json", binary_record.EXT):
+        return ext
     if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
         return "image"
     return "other"
@@ -229,14 +230,16 @@ class DatasetScan:
             stats.members[kind] += 1
             if kind == "json":
                 record = self.decode_record(shard, raw.key, payload)
+            elif kind == binary_record.EXT:
+                record = self.decode_binary(shard, raw.key, payload)
             elif kind == "image":
                 size = self.decode_image_member(shard, raw.key, ext, payload)
                 images.append(f"{ext} {size}" if size else f"{ext} (corrupt)")
             else:
                 other.append(ext)
                 self.other_exts[ext] += 1
-        if "json" not in raw.members:
-            self.problems.append(Problem(shard, raw.key, "", "no .json member"))
+        if "json" not in raw.members and binary_record.EXT not in raw.members:
+            self.problems.append(Problem(shard, raw.key, "", "no .json or .rec member"))
         if record is None:
             return
         self.add_record(stats, record)
@@ -255,6 +258,21 @@ class DatasetScan:
         if errors:
             self.problems.append(Problem(shard, key, f"{key}.json", "invalid record: " + "; ".join(errors)))
         return record if isinstance(record, dict) else None
+
+    def decode_binary(self, shard: str, key: str, payload: bytes) -> dict[str, Any] | None:
+        layout = binary_record.RecordLayout.of(self.spec)
+        try:
+            sample = binary_record.decode(
+                payload,
+                layout,
+                self.spec.history,
+                2**31 - 1,
+                lambda f, r, d="": BadSample(shard, key, f, r, d),
+            )
+        except BadSample as err:
+            self.problems.append(Problem(shard, key, f"{key}.{binary_record.EXT}", f"invalid record: {err}"))
+            return None
+        return binary_record.as_json_record(sample, layout)
 
     def decode_image_member(self, shard: str, key: str, ext: str, payload: bytes) -> str | None:
         try:
@@ -500,7 +518,10 @@ def print_splits(spec: DatasetSpec, scan: DatasetScan) -> None:
 
 def members_line(scan: DatasetScan) -> str:
     members = sum((stats.members for stats in scan.splits.values()), Counter())
-    line = f"members: {members['json']} json, {members['image']} image, {members['other']} other"
+    line = (
+        f"members: {members['rec']} binary record, {members['json']} json, {members['image']} image, "
+        f"{members['other']} other"
+    )
     if scan.other_exts:
         line += " (" + ", ".join(f".{ext} x{n}" for ext, n in scan.other_exts.most_common(5)) + ")"
     return line

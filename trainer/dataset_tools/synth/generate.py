@@ -21,6 +21,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from trainer.config.schema import SynthConfig
+from trainer.data import record as binary_record
+from trainer.data.record import RecordLayout
 from trainer.data.spec import DatasetSpec, ShardInfo, write_spec
 from trainer.data.tokenizer import train_tokenizer
 from trainer.dataset_tools.shard_writer import ShardWriter, encode_record, shard_name
@@ -105,6 +107,7 @@ def write_shard(world: World, render: ContentRenderer, job: ShardJob, out_dir: P
     cold_by_topic = [np.flatnonzero(world.item_cold & (world.item_topic == t)) for t in range(cfg.num_topics)]
     timelines: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     name = shard_name(job.split, job.index)
+    layout = RecordLayout.of(DatasetSpec(**_schema(cfg))) if cfg.record_format == "binary" else None
     written, clicks = 0, 0
     items_seen, queries_seen = [], []
     with ShardWriter(out_dir / name) as writer:
@@ -141,7 +144,11 @@ def write_shard(world: World, render: ContentRenderer, job: ShardJob, out_dir: P
                     record.update(session_id=request_id, request_id=request_id)
                 if job.split == "eval":
                     record["cold"] = int(world.item_cold[item])
-                members = {"json": encode_record(record)}
+                members = (
+                    {binary_record.EXT: binary_record.encode(record, layout)}
+                    if layout is not None
+                    else {"json": encode_record(record)}
+                )
                 for k in range(cfg.images_per_item):
                     members["jpg" if k == 0 else f"{k}.jpg"] = render.image(int(item), k)
                 writer.write(f"{job.split}_{job.index:06d}_{written:06d}", members)
@@ -328,19 +335,9 @@ def _chain(*iterables: Any) -> Any:
         yield from it
 
 
-def _spec(cfg: SynthConfig, world: World, results: list[ShardResult]) -> DatasetSpec:
-    by_split = {s: [r for r in results if r.split == s] for s in SPLITS}
-    counts = {s: sum(r.samples for r in rs) for s, rs in by_split.items()}
-    train_items = np.unique(np.concatenate([r.items for r in by_split["train"]]))
-    eval_items = np.unique(np.concatenate([r.items for r in by_split["eval"]]))
-    counts.update(
-        items=world.num_items,
-        cold_items=int(world.item_cold.sum()),
-        eval_cold_items=int(np.setdiff1d(eval_items, train_items).size),
-    )
-    all_users = np.unique(np.concatenate([r.users for r in results]))
-    all_queries = np.unique(np.concatenate([r.queries for r in results]))
-    return DatasetSpec(
+def _schema(cfg: SynthConfig) -> dict[str, Any]:
+    """The spec's features (what a record holds, in order), known before any shard is written."""
+    return dict(
         scenario="search" if cfg.search else "feed",
         sparse={
             "category": {"multi": False, "cardinality": cfg.num_categories},
@@ -355,6 +352,23 @@ def _spec(cfg: SynthConfig, world: World, results: list[ShardResult]) -> Dataset
         query_text=cfg.search,
         images=cfg.images_per_item,
         labels=["click"],
+    )
+
+
+def _spec(cfg: SynthConfig, world: World, results: list[ShardResult]) -> DatasetSpec:
+    by_split = {s: [r for r in results if r.split == s] for s in SPLITS}
+    counts = {s: sum(r.samples for r in rs) for s, rs in by_split.items()}
+    train_items = np.unique(np.concatenate([r.items for r in by_split["train"]]))
+    eval_items = np.unique(np.concatenate([r.items for r in by_split["eval"]]))
+    counts.update(
+        items=world.num_items,
+        cold_items=int(world.item_cold.sum()),
+        eval_cold_items=int(np.setdiff1d(eval_items, train_items).size),
+    )
+    all_users = np.unique(np.concatenate([r.users for r in results]))
+    all_queries = np.unique(np.concatenate([r.queries for r in results]))
+    return DatasetSpec(
+        **_schema(cfg),
         cardinalities={
             "user_id": int(all_users.size),
             "item_id": world.num_items,
