@@ -62,3 +62,26 @@ def test_table_is_cached_by_tokenizer_and_budgets_and_misses_fall_back(small_dat
     assert torch.equal(
         text["title"].input_ids[0, :n], torch.from_numpy(table.tokens["title"][0, :n].astype(np.int64))
     )
+
+
+@pytest.mark.parametrize("pad_to_longest", [False, True])
+def test_cached_query_tokens_equal_tokenising_every_query(
+    small_dataset: Path, monkeypatch: pytest.MonkeyPatch, pad_to_longest: bool
+) -> None:
+    from trainer.data import collate as collate_module
+
+    collator = make_batch_stream(
+        small_config(small_dataset), "eval", pad_to_longest=pad_to_longest
+    ).dataset.collator
+    queries = ["red shoes", "", "red shoes", "a much longer query about blue running shoes", "x"] * 3
+    expected = collator.tokens(queries, collator.spec.query_tokens)
+    monkeypatch.setattr(collate_module, "QUERY_CACHE", 3)  # the cache fills and is cleared on the way
+    for start in (0, 5, 10, 0):
+        got = collator.query_tokens(queries[start : start + 5])
+        want = collator.tokens(queries[start : start + 5], collator.spec.query_tokens)
+        assert torch.equal(got.input_ids, want.input_ids) and torch.equal(
+            got.attention_mask, want.attention_mask
+        )
+    assert len(collator.query_cache) <= 4
+    whole = collator.query_tokens(queries)
+    assert torch.equal(whole.input_ids, expected.input_ids)

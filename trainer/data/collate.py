@@ -18,6 +18,8 @@ from trainer.data.batch import Batch, Tokens
 from trainer.data.item_tokens import ItemTokens
 from trainer.data.spec import DatasetSpec
 
+QUERY_CACHE = 50_000
+"""Distinct query texts a collator keeps tokenised (tens of MB at most with 10-token queries; cleared when full)."""
 PAD_MULTIPLE = 8
 """Trimmed text widths are multiples of this: fewer distinct shapes (compiled graphs) and tensor-core friendly."""
 
@@ -168,6 +170,23 @@ class Collator:
         self.tokenizer = tokenizer
         self.items = items
         """Items tokenised once (`item_tokens.py`): the target's text fields are joined by item id, not tokenised."""
+        self.query_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def query_tokens(self, texts: list[str]) -> Tokens:
+        """The queries' tokens. Search logs repeat queries across samples (a session shows several items for one
+        query), so each distinct query text is tokenised once per worker and kept (up to QUERY_CACHE texts)."""
+        budget = self.spec.query_tokens
+        cache = self.query_cache
+        missing = list(dict.fromkeys(t for t in texts if t not in cache))
+        if missing:
+            if len(cache) + len(missing) > QUERY_CACHE:
+                cache.clear()
+            ids, mask = self.encode(missing, budget)
+            cache.update(zip(missing, zip(ids, mask)))
+        rows = [cache[t] for t in texts]
+        ids = np.stack([r[0] for r in rows]) if rows else np.zeros((0, budget), dtype=np.int64)
+        mask = np.stack([r[1] for r in rows]) if rows else np.zeros((0, budget), dtype=np.int64)
+        return self.as_tokens(ids, mask)
 
     def tokens(self, texts: list[str], budget: int) -> Tokens:
         return self.as_tokens(*self.encode(texts, budget))
@@ -254,7 +273,7 @@ class Collator:
             sequences=sequences,
             dense=rows_of([x["dense"] for x in samples], len(s.dense)),
             text=self.item_text(samples),
-            query=self.tokens([x["query"] for x in samples], s.query_tokens) if s.query_tokens else None,
+            query=self.query_tokens([x["query"] for x in samples]) if s.query_tokens else None,
             images=torch.from_numpy(images),
             image_mask=torch.from_numpy(image_mask),
             labels=rows_of([x["labels"] for x in samples], s.num_labels),
