@@ -393,11 +393,17 @@ def _stage_breakdown(mode: Mode, path: Path, args: argparse.Namespace) -> dict[s
         {"image": (decode_module, "decode_image")},
     )
     chunks = [samples[i : i + args.batch_size] for i in range(0, n, args.batch_size)]
+
+    def collate_all() -> list[Any]:
+        collator.query_cache.clear()  # every repeat pays for the queries it sees first, as a fresh worker does
+        return [collator(chunk) for chunk in chunks]
+
     t_collate, within, _ = best_of(
         r,
-        lambda: [collator(chunk) for chunk in chunks],
+        collate_all,
         {
             "tokens": (collator, "tokens"),
+            "query_tokens": (collator, "query_tokens"),
             "kjt": (collate_module, "jagged"),
             "hash": (collate_module, "hash_kjt"),
         },
@@ -411,11 +417,11 @@ def _stage_breakdown(mode: Mode, path: Path, args: argparse.Namespace) -> dict[s
         stages["validate (ids, text)"] = max(0.0, t_parse - t_json - inside["image"])
     if mode.images:
         stages["image decode"] = inside["image"]
-    stages["tokenise (text fields + query)"] = within["tokens"]
+    stages["tokenise (text fields + query)"] = within["tokens"] + within["query_tokens"]
     stages["KJTs (ids, histories)"] = within["kjt"]
     stages["hash ids into table rows"] = within["hash"]
     stages["rest of collate" + (" (image copy, columns)" if mode.images else " (columns)")] = max(
-        0.0, t_collate - within["tokens"] - within["kjt"] - within["hash"]
+        0.0, t_collate - within["tokens"] - within["query_tokens"] - within["kjt"] - within["hash"]
     )
     out: dict[str, Any] = {
         "mode": mode.name,

@@ -270,6 +270,7 @@ class MemoryBank:
         *,
         fresh_mask: torch.Tensor | None = None,
         grad: bool = False,
+        same_size: bool = False,
     ) -> torch.Tensor:
         """[B, L, D] history vectors where every masked-in entry whose id was encoded this step, on any rank,
         holds the fresh vector (the highest global position of that id wins) instead of the cached one.
@@ -278,7 +279,8 @@ class MemoryBank:
         (a collective). ``fresh_mask`` [M] bool: only those entries count as encoded (a mask instead of a boolean
         index keeps the host from waiting for the device). With ``grad`` the local fresh vectors keep their graph
         (gathered remote ones are detached); without it the result is detached. The result's dtype promotes
-        cached's and fresh's. No host sync with one rank.
+        cached's and fresh's. No host sync with one rank; with several, one (the ranks' sizes) unless the caller
+        vouches with ``same_size`` that every rank passes as many fresh ids (a batch's targets, say).
         """
         if history_ids.shape != history_mask.shape or cached.shape != (*history_ids.shape, self.dim):
             raise ValueError(f"history {tuple(history_ids.shape)} and cached {tuple(cached.shape)} disagree")
@@ -292,7 +294,7 @@ class MemoryBank:
         elif fresh_mask.shape != fresh_ids.shape or fresh_mask.dtype != torch.bool:
             raise ValueError(f"fresh_mask must be a bool tensor like the fresh ids {tuple(fresh_ids.shape)}")
         table_ids, table_vectors, table_fresh = self._gather_fresh(
-            fresh_ids, fresh_vectors, fresh_mask.to(fresh_vectors.device)
+            fresh_ids, fresh_vectors, fresh_mask.to(fresh_vectors.device), same_size
         )
         dtype = torch.promote_types(cached.dtype, fresh_vectors.dtype)
         flat = cached.detach().reshape(-1, self.dim).to(device=table_vectors.device, dtype=dtype)
@@ -523,16 +525,20 @@ class MemoryBank:
         self._evictions += evicted.sum()
 
     def _gather_fresh(
-        self, ids: torch.Tensor, vectors: torch.Tensor, fresh: torch.Tensor
+        self, ids: torch.Tensor, vectors: torch.Tensor, fresh: torch.Tensor, same_size: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every rank's fresh ids, vectors and masks in rank order; this rank's block is ``vectors`` itself (its
-        graph kept), the others are detached copies."""
+        graph kept), the others are detached copies. ``same_size``: every rank has as many ids as this one, so
+        the sizes need no exchange (and the host does not wait for it)."""
         if vectors.shape != (ids.numel(), self.dim):
             raise ValueError(f"fresh vectors {tuple(vectors.shape)} for {ids.numel()} fresh ids")
         if self.world_size == 1:
             return ids, vectors, fresh
-        counts = self._all_gather(torch.tensor([ids.numel()], dtype=torch.int64, device=self._comm))
-        sizes = [int(c) for c in torch.cat(counts).tolist()]
+        if same_size:
+            sizes = [ids.numel()] * self.world_size
+        else:
+            counts = self._all_gather(torch.tensor([ids.numel()], dtype=torch.int64, device=self._comm))
+            sizes = [int(c) for c in torch.cat(counts).tolist()]
         longest = max(max(sizes), 1)
         id_blocks = self._all_gather(_padded(ids, longest, self._comm))
         vec_blocks = self._all_gather(_padded(vectors.detach(), longest, self._comm))

@@ -349,6 +349,8 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     joined = bank.dedup_join(x["hist"], x["mask"], x["cached"], x["fresh_ids"], fresh, grad=True)
     (joined * x["weights"]).sum().backward()
     out["dedup"] = (joined.detach(), fresh.grad)
+    args = (x["hist"], x["mask"], x["cached"], x["fresh_ids"], x["fresh"])
+    out["dedup_same_size"] = bank.dedup_join(*args, same_size=True)
 
     restored = MemoryBank(BIG, DIM)
     restored.load(tmp / "saved1")
@@ -420,6 +422,7 @@ def test_two_ranks_dedup_join(two_ranks: tuple[Path, list[dict[str, Any]]]) -> N
         ref = dedup_reference(x["hist"], x["mask"], x["cached"], all_ids, torch.cat(leaves))
         joined, grad = out["dedup"]
         assert torch.equal(joined, ref.detach())
+        assert torch.equal(out["dedup_same_size"], joined)  # sizes known without their exchange
         remote = set(inputs[1 - rank]["fresh_ids"].tolist()) - set(x["fresh_ids"].tolist())
         replaced = x["mask"] & torch.isin(x["hist"], torch.tensor(sorted(remote)))
         assert replaced.any() and not torch.equal(joined[replaced], x["cached"][replaced].float())

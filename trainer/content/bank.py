@@ -133,8 +133,16 @@ class BankContent:
         self.coverage = hit_shares(names, lengths, hits, mask)
         target, fresh = self.target(batch, rows, vectors[n_hist:])
         if mode == TRAIN:
+            # every rank's batch is the same size (the reader's guarantee): no exchange of sizes
             cached = self.bank.dedup_join(
-                ids, mask, cached, batch.item_id, target, fresh_mask=fresh, grad=self.cfg.join_gradient
+                ids,
+                mask,
+                cached,
+                batch.item_id,
+                target,
+                fresh_mask=fresh,
+                grad=self.cfg.join_gradient,
+                same_size=True,
             )
         parts = cached.to(self.dtype).split(lengths, 1)
         return StepContent(target, fresh, dict(zip(names, parts)))
