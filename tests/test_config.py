@@ -111,3 +111,27 @@ def test_every_registered_name_resolves_to_a_builder() -> None:
             assert registry.resolve(name) is not None, (registry.family, name)
     with pytest.raises(KeyError, match="unknown ranker 'mlp'"):
         RANKERS.resolve("mlp")
+
+
+@pytest.mark.parametrize(
+    "overrides, trainer_clips",
+    [
+        (["distributed.zero_stage=0"], True),  # fp32 weights: the gradients are in param.grad
+        (['training.dtype="bfloat16"', 'training.bf16_mode="autocast"', "distributed.zero_stage=0"], True),
+        (['training.dtype="bfloat16"', 'training.bf16_mode="weights"', "distributed.zero_stage=0"], False),
+        (['training.dtype="bfloat16"', 'training.bf16_mode="autocast"', "distributed.zero_stage=2"], False),
+        (["distributed.zero_stage=0", "training.grad_clip=0.0"], False),
+    ],
+)
+def test_the_trainer_clips_only_where_deepspeed_would_not(overrides: list[str], trainer_clips: bool) -> None:
+    """DeepSpeed clips with ZeRO 1-3 and with bf16 weights (its BF16_Optimizer's fp32 copies); with ZeRO 0 over
+    the weights as they are, the trainer clips with one foreach pass and DeepSpeed is told not to."""
+    from trainer.engine import clips_itself, deepspeed_config
+
+    cfg = load_config("tiny", ["training.grad_clip=0.5", *overrides])
+    ds = deepspeed_config(cfg, world_size=1)
+    assert clips_itself(cfg) is trainer_clips
+    assert ds["gradient_clipping"] == (0.0 if trainer_clips else cfg.training.grad_clip)
+    bf16 = cfg.training.dtype == "bfloat16"
+    assert ds["bf16"]["enabled"] == (bf16 and cfg.training.bf16_mode == "weights")
+    assert ds["torch_autocast"]["enabled"] == (bf16 and cfg.training.bf16_mode == "autocast")

@@ -41,10 +41,19 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     }
 
 
+def plain_zero0(cfg: Config) -> bool:
+    """ZeRO 0 over the weights as they are (fp32, or bf16 autocast): the gradients sit in `param.grad` and the
+    client optimizer steps them directly. Not so with bf16 weights, where DeepSpeed's BF16_Optimizer keeps fp32
+    copies of weights and gradients of its own."""
+    bf16_weights = cfg.training.dtype == "bfloat16" and cfg.training.bf16_mode == "weights"
+    return cfg.distributed.zero_stage == 0 and not bf16_weights
+
+
 def clips_itself(cfg: Config) -> bool:
-    """ZeRO 0: the trainer clips the dense gradients with torch's foreach clip (a few kernels for all tensors);
-    DeepSpeed's own ZeRO-0 clip loops over the tensors in Python. ZeRO 1/2 clip their flat partitions."""
-    return cfg.distributed.zero_stage == 0 and cfg.training.grad_clip > 0
+    """With `plain_zero0` the trainer clips the dense gradients with torch's foreach clip (a few kernels for all
+    tensors); DeepSpeed's own clip there loops over the tensors in Python. ZeRO 1/2 and BF16_Optimizer clip their
+    flat fp32 copies themselves."""
+    return plain_zero0(cfg) and cfg.training.grad_clip > 0
 
 
 def clip_gradients(cfg: Config, engine: deepspeed.DeepSpeedEngine) -> None:
@@ -80,11 +89,12 @@ def lr_lambda(cfg: Config, steps: int | None = None):  # type: ignore[no-untyped
 def build_optimizer(cfg: Config, module: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in module.parameters() if p.requires_grad]
     opt = cfg.optimizer
-    # torch's fused kernels exist for CUDA and CPU parameters; None lets torch pick its default loop elsewhere.
-    fused = opt.fused and all(p.device.type in ("cuda", "cpu") for p in params) or None
+    # torch's fused kernels exist for CUDA and CPU parameters; off, the per-tensor loop (the reference).
+    fused = opt.fused and all(p.device.type in ("cuda", "cpu") for p in params)
+    kernel: dict[str, bool] = {"fused": True} if fused else {"foreach": False}
     if opt.name == "sgd":
-        return torch.optim.SGD(params, lr=opt.lr, momentum=0.9, weight_decay=opt.weight_decay, fused=fused)
-    return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay, fused=fused)
+        return torch.optim.SGD(params, lr=opt.lr, momentum=0.9, weight_decay=opt.weight_decay, **kernel)
+    return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay, **kernel)
 
 
 def skip_cpu_shm_comm_op() -> None:
@@ -107,7 +117,7 @@ def wrap_dense(
     engine, _, _, _ = deepspeed.initialize(
         model=dense, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
-    if cfg.distributed.zero_stage == 0 and world_size == 1:
+    if plain_zero0(cfg) and world_size == 1:
         # One rank has nothing to all-reduce; DeepSpeed would still flatten and copy back every gradient.
         engine.enable_backward_allreduce = False
     return engine
