@@ -283,3 +283,23 @@ def test_format_metrics_table() -> None:
     id_only = next(line for line in lines if line.startswith("id_only"))
     assert id_only.count("-") == 2
     assert len({len(line) for line in lines[:2]}) == 1
+
+
+def test_metrics_jsonl_is_strict_json_and_reads_back_nan(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A metric without a value (QAUC on a dataset without queries) is NaN in memory, null on disk (a bare NaN is
+    not JSON), and NaN again when read back."""
+    import json
+    import math
+
+    from trainer.logger import MetricsLogger, read_metrics, strict_json
+
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+    logger.log(3, "eval", {"auc": 0.7, "qauc": float("nan"), "per": [1.0, float("inf")]})
+    logger.close()
+    line = (tmp_path / "metrics.jsonl").read_text().strip()
+    assert "NaN" not in line and "Infinity" not in line
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))["qauc"] is None
+    (record,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert record["auc"] == 0.7 and math.isnan(record["qauc"])
+    assert strict_json({"a": float("nan")}) == '{"a": null}'
+    assert read_metrics(tmp_path / "missing.jsonl") == []

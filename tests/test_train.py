@@ -214,3 +214,32 @@ def test_memory_bank_fills_and_its_checkpoint_reshards(small_dataset: Path, tmp_
     assert p.exitcode == 0
     from_bank = json.loads(served.read_text())
     assert from_bank["samples"] == single["samples"] and 0.5 < from_bank["auc"] <= 1.0
+
+
+def test_an_error_on_one_rank_ends_the_whole_job_promptly(
+    small_dataset: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """One truncated train shard, read by one of 2 ranks under bad_input = error: that rank raises in the middle
+    of training while the other waits in a collective. Both must exit within seconds (not at the process group's
+    30-minute timeout), non-zero, with the error printed."""
+    import shutil
+
+    from trainer.data.spec import read_spec
+
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data, ignore=shutil.ignore_patterns(".cache"))
+    shard = data / read_spec(data).shards["train"][-1].name
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    overrides = [f'logging.out_dir="{tmp_path / "run"}"', 'data.bad_input="error"', "training.steps=200"]
+    started = time.time()
+    procs = launch(data, overrides)
+    for p in procs:
+        p.join(240)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not any(alive), "a rank still waits after the other failed"
+    assert all(p.exitcode != 0 for p in procs), [p.exitcode for p in procs]
+    assert time.time() - started < 240
+    assert "corrupt_tar" in capfd.readouterr().err

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from trainer.config import load_config
 from trainer.dataset_tools.synth.generate import synthesize
+from trainer.logger import read_metrics
 from trainer.metrics import format_metrics_table
 
 RUNS = {"multimodal": [], "id_only": ["model.use_content=false"]}
 
 
 def final_eval(run_dir: Path) -> dict[str, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in records if r["kind"] == "eval"]
     if not evals:
         raise RuntimeError(f"{run_dir}: the run wrote no eval metrics")

@@ -3,9 +3,35 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """JSON that strict parsers accept: NaN and inf (a metric that has no value, e.g. QAUC without queries) become
+    null, where `json.dumps` would write a bare NaN."""
+    return json.dumps(_finite_or_null(value), allow_nan=False, **kwargs)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl` (none if it is not there), a null metric read back as NaN."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: math.nan if v is None else v for k, v in r.items()} for r in records]
 
 
 class MetricsLogger:
@@ -27,7 +53,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
-        self.jsonl.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
+        self.jsonl.write(strict_json(record) + "\n")  # type: ignore[union-attr]
         self.jsonl.flush()  # type: ignore[union-attr]
         if self.writer is not None:
             for key, value in values.items():

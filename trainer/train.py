@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from trainer.config import Config, config_to_toml, load_config
-from trainer.distributed import close_distributed, init_distributed
+from trainer.distributed import ending_job, init_distributed
 from trainer.loop import Trainer
 
 
@@ -25,7 +25,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """Train `cfg` on this process's share of the job (a group of one when not under torchrun)."""
     info = init_distributed(cfg.distributed.backend)
     setup_logging(info.rank)
-    try:
+    with ending_job():
         if info.is_main:
             logging.getLogger("lemur").info("resolved config:\n%s", config_to_toml(cfg))
         trainer = Trainer(cfg, info)
@@ -33,9 +33,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             trainer.resume(resume)
         results = trainer.fit()
         trainer.close()
-        return results
-    finally:
-        close_distributed()
+    return results
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:

@@ -28,6 +28,7 @@ from trainer.config import load_config
 from trainer.config.loader import apply_override
 from trainer.experiment.sizes import Size
 from trainer.experiment.tables import Table, Variant
+from trainer.logger import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DIST_ENV = (
@@ -192,12 +193,6 @@ def child_env(threads: int, gpus: list[int] | None = None) -> dict[str, str]:
         PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT),
     )
     return env
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def final_eval(records: list[dict[str, Any]]) -> dict[str, float] | None:
