@@ -187,11 +187,28 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def latest(self) -> Path | None:
+        """The complete checkpoint `latest` names. Without a pointer to one (lost, or a crash between the rename
+        and the pointer's update), the newest complete `step-N/`: a run never starts over on top of its own
+        checkpoints (and overwrites them)."""
         pointer = self.root / LATEST
-        if not pointer.is_file():
+        if pointer.is_file():
+            path = self.root / pointer.read_text().strip()
+            if path.is_dir() and not self.missing_parts(path):
+                return path
+        complete = sorted(
+            p
+            for p in self.root.glob("step-*")
+            if p.is_dir() and not p.name.endswith(".partial") and not self.missing_parts(p)
+        )
+        if not complete:
             return None
-        path = self.root / pointer.read_text().strip()
-        return path if path.is_dir() else None
+        log.warning(
+            "%s: no valid %r pointer; taking the newest complete checkpoint, %s",
+            self.root,
+            LATEST,
+            complete[-1].name,
+        )
+        return complete[-1]
 
     def resolve(self, resume: str) -> Path | None:
         """`auto`: the latest complete checkpoint if any; else a path to one."""
