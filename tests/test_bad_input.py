@@ -140,3 +140,40 @@ def test_nothing_is_ever_unpickled(small_dataset: Path, tmp_path: Path) -> None:
     batches = list(make_batch_stream(small_config(data), "eval"))
     assert sum(int(b.valid.sum()) for b in batches) == 2
     assert not MARKER.exists()
+
+
+def _record_with(base: dict, **changes: object) -> bytes:
+    return json.dumps({**base, **changes}).encode()
+
+
+def test_records_that_used_to_crash_the_reader_are_bad_samples(small_dataset: Path) -> None:
+    """Each of these once escaped as RecursionError, ValueError or OverflowError, or was read wrongly (a string
+    "false" as a true cold flag, 1e39 as a float32 inf); each is now that sample's BadSample."""
+    from trainer.data.decode import Limits, RawSample, parse_sample
+
+    spec = read_spec(small_dataset)
+    limits = Limits(max_text_chars=1000, image_size=24, images_per_sample=0)
+    key, members = good_samples(small_dataset, 1)[0]
+    base = json.loads(members["json"])
+    cases = {
+        "nested 100k deep": (b"[" * 100_000 + b"]" * 100_000, "json", "malformed_json"),
+        "5,000-digit id": (
+            members["json"].replace(str(base["user_id"]).encode(), b"9" * 5000, 1),
+            "json",
+            "malformed_json",
+        ),
+        "dense 10**400": (
+            _record_with(base, dense={**base["dense"], "hour": 10**400}),
+            "dense.hour",
+            "nan_dense",
+        ),
+        "dense 1e39": (_record_with(base, dense={**base["dense"], "hour": 1e39}), "dense.hour", "nan_dense"),
+        'cold "false"': (_record_with(base, cold="false"), "cold", "bad_type"),
+    }
+    for name, (payload, field, reason) in cases.items():
+        with pytest.raises(BadSample) as err:
+            parse_sample(RawSample("s.tar", key, {"json": payload}), spec, limits)
+        assert (err.value.field, err.value.reason) == (field, reason), name
+    assert parse_sample(RawSample("s.tar", key, {"json": _record_with(base, cold=True)}), spec, limits)[
+        "cold"
+    ]

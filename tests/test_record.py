@@ -160,6 +160,11 @@ def test_every_broken_binary_record_names_its_field(small_dataset: Path) -> None
             "nan_dense",
         ),
         "label 2": (_corrupt(good, labels, b"\x02"), "labels.click", "bad_label"),
+        "dense past float32": (
+            record.encode({**RECORD, "dense": {"hour": 1e39}}, layout),
+            "dense.hour",
+            "nan_dense",
+        ),
         "history too long": (record.encode(long_history, layout), "history.long", "history_too_long"),
         "not UTF-8": (_corrupt(good, labels + 1, b"\xff"), "text.title", "bad_type"),
         "text too long": (record.encode({**RECORD, "query": "q" * 101}, layout), "query", "text_too_long"),

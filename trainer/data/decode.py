@@ -22,7 +22,7 @@ from PIL import Image
 from webdataset.gopen import gopen
 
 from trainer.data import record as binary
-from trainer.data.record import RecordLayout
+from trainer.data.record import FLOAT32_MAX, RecordLayout
 from trainer.data.spec import IMAGE_EXTS, INT64_MAX, INT64_MIN, DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,8 @@ def parse_sample(raw: RawSample, spec: DatasetSpec, limits: Limits) -> dict[str,
         raise bad("json", "missing_field", f"members: {sorted(raw.members)}")
     try:
         record = json.loads(raw.members["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    # ValueError: also integers past Python's digit limit; RecursionError: nesting too deep to parse
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise bad("json", "malformed_json", str(err)) from err
     if not isinstance(record, dict):
         raise bad("json", "malformed_json", "not an object")
@@ -231,7 +232,10 @@ def parse_sample(raw: RawSample, spec: DatasetSpec, limits: Limits) -> dict[str,
         out[name] = _int(record[name], name, bad)
     for name in ("query_id", "session_id", "request_id"):
         out[name] = _int(record[name], name, bad) if record.get(name) is not None else 0
-    out["cold"] = bool(record.get("cold", 0))
+    cold = record.get("cold", 0)
+    if cold not in (0, 1) or isinstance(cold, float):  # True/False are 1/0; "false" is not a flag
+        raise bad("cold", "bad_type", f"expected 0 or 1, got {cold!r}"[:120])
+    out["cold"] = bool(cold)
 
     labels = record.get("labels")
     if not isinstance(labels, dict):
@@ -298,11 +302,20 @@ def _ints(values: list[Any], name: str, bad: Any) -> list[int]:
 
 
 def _float(value: Any, name: str, bad: Any) -> float:
+    """A dense value as the batch holds it (float32): a number whose float32 is finite, else a BadSample."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad(name, "bad_type", f"expected a number, got {value!r}"[:120])
-    if not math.isfinite(value):
-        raise bad(name, "nan_dense", repr(value))
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past float64
+        number = math.inf
+    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+        raise bad(
+            name,
+            "nan_dense",
+            f"{value!r}"[:120] + (" (not finite as float32)" if math.isfinite(number) else ""),
+        )
+    return number
 
 
 def _text(value: Any, name: str, limits: Limits, bad: Any) -> str:

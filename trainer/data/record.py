@@ -44,6 +44,7 @@ EXT = "rec"
 """The tar member extension of a binary record."""
 SCALARS = ("user_id", "item_id", "timestamp", "query_id", "session_id", "request_id", "cold")
 HEADER = 16
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,8 @@ def decode(
         raise bad("cold", "bad_type", f"expected 0 or 1, got {scalars[-1]}")
     out["cold"] = bool(scalars[-1])
     for name, value in zip(layout.dense, dense):
-        if not math.isfinite(value):
-            raise bad(f"dense.{name}", "nan_dense", repr(value))
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:  # the batch holds float32
+            raise bad(f"dense.{name}", "nan_dense", f"{value!r} (not finite as float32)")
     out["dense"] = list(dense)
     ids = np.frombuffer(data, "<i8", id_total, at)
     at += 8 * id_total
