@@ -6,6 +6,7 @@ path (fused AdamW / SGD, its own foreach clip) updates the weights as torch's pe
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -39,20 +40,27 @@ TOLERANCE = {False: dict(loss=1e-6, logits=1e-5, grads=1e-4), True: dict(loss=1e
 """float32; bf16 autocast (the same bf16 matmuls on both paths, summed in another order by DMP and DeepSpeed)."""
 
 
-def _same_step(dataset: str, out: str, bank: bool, autocast: bool = False) -> None:
-    from trainer.content import build_content_source
+def plain_copy(t: Any) -> Any:
+    """The trainer's model as a plain `LemurModel` on the CPU, with the same dense and table weights."""
     from trainer.models.model import build_model
-    from trainer.step import LemurStep
 
-    tol = TOLERANCE[autocast]
-    t = _trainer(dataset, [*REFERENCE, *(BANK if bank else []), *(AUTOCAST if autocast else [])], out)
     collator = t.train_stream.dataset.collator
     plain = build_model(
         t.cfg, t.spec, t.plan, len(collator.tokenizer), collator.tokenizer.pad_token_id, "cpu"
     )
     plain.dense.load_state_dict(t.model.dense.state_dict())
+    plain.sparse.load_state_dict(sparse_weights(t.model.sparse))
+    return plain
+
+
+def _same_step(dataset: str, out: str, bank: bool, autocast: bool = False) -> None:
+    from trainer.content import build_content_source
+    from trainer.step import LemurStep
+
+    tol = TOLERANCE[autocast]
+    t = _trainer(dataset, [*REFERENCE, *(BANK if bank else []), *(AUTOCAST if autocast else [])], out)
+    plain = plain_copy(t)
     before = sparse_weights(t.model.sparse)
-    plain.sparse.load_state_dict(before)
     dtype = torch.bfloat16 if autocast else torch.float32
     content = build_content_source(t.cfg, t.spec, plain.dense.content, t.items, torch.device("cpu"), dtype)
     reference = LemurStep(plain, content, t.cfg.training, dtype, dtype if autocast else None)
@@ -108,7 +116,6 @@ CLIP = 0.05
 
 
 def _same_updates(dataset: str, out: str, optimizer: str) -> None:
-    from trainer.models.model import build_model
     from trainer.step import LemurStep
 
     overrides = [
@@ -119,12 +126,7 @@ def _same_updates(dataset: str, out: str, optimizer: str) -> None:
     ]
     t = _trainer(dataset, overrides, out)
     assert t.cfg.optimizer.fused and t.cfg.distributed.zero_stage == 0
-    collator = t.train_stream.dataset.collator
-    plain = build_model(
-        t.cfg, t.spec, t.plan, len(collator.tokenizer), collator.tokenizer.pad_token_id, "cpu"
-    )
-    plain.dense.load_state_dict(t.model.dense.state_dict())
-    plain.sparse.load_state_dict(sparse_weights(t.model.sparse))
+    plain = plain_copy(t)
     reference = LemurStep(plain, None, t.cfg.training)
     params = [p for p in plain.dense.parameters() if p.requires_grad]
     opt = t.cfg.optimizer

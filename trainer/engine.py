@@ -24,29 +24,29 @@ from trainer.config.schema import Config
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """Everything DeepSpeed needs, derived from our config (no separate JSON to keep in sync)."""
     training = cfg.training
-    bf16 = training.dtype == "bfloat16"
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": training.grad_accum,
         "train_batch_size": cfg.data.batch_size * training.grad_accum * world_size,
         "gradient_clipping": 0.0 if clips_itself(cfg) else training.grad_clip,
         "zero_optimization": {"stage": cfg.distributed.zero_stage},
-        "bf16": {
-            "enabled": bf16 and training.bf16_mode == "weights",
-            "check_grad_overflow": training.overflow_check,
-        },
-        "torch_autocast": {"enabled": bf16 and training.bf16_mode == "autocast", "dtype": "bfloat16"},
+        "bf16": {"enabled": bf16_mode(cfg) == "weights", "check_grad_overflow": training.overflow_check},
+        "torch_autocast": {"enabled": bf16_mode(cfg) == "autocast", "dtype": "bfloat16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def bf16_mode(cfg: Config) -> str | None:
+    """How bf16 applies (`training.bf16_mode`: weights or autocast), or None for float32."""
+    return cfg.training.bf16_mode if cfg.training.dtype == "bfloat16" else None
 
 
 def plain_zero0(cfg: Config) -> bool:
     """ZeRO 0 over the weights as they are (fp32, or bf16 autocast): the gradients sit in `param.grad` and the
     client optimizer steps them directly. Not so with bf16 weights, where DeepSpeed's BF16_Optimizer keeps fp32
     copies of weights and gradients of its own."""
-    bf16_weights = cfg.training.dtype == "bfloat16" and cfg.training.bf16_mode == "weights"
-    return cfg.distributed.zero_stage == 0 and not bf16_weights
+    return cfg.distributed.zero_stage == 0 and bf16_mode(cfg) != "weights"
 
 
 def clips_itself(cfg: Config) -> bool:
@@ -65,8 +65,7 @@ def clip_gradients(cfg: Config, engine: deepspeed.DeepSpeedEngine) -> None:
 
 def autocast_dtype(cfg: Config) -> torch.dtype | None:
     """The dtype the step runs under torch.autocast, or None where the weights carry the dtype themselves."""
-    training = cfg.training
-    return torch.bfloat16 if training.dtype == "bfloat16" and training.bf16_mode == "autocast" else None
+    return torch.bfloat16 if bf16_mode(cfg) == "autocast" else None
 
 
 def lr_lambda(cfg: Config, steps: int | None = None):  # type: ignore[no-untyped-def]

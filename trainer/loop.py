@@ -309,9 +309,15 @@ class Trainer:
         """The window's losses summed over ranks, one per step (float64, on the host): the only host sync of the
         loss, at log and checkpoint steps. Raises `NonFiniteLoss` (on every rank alike) naming the first step
         whose loss is inf or NaN on any rank."""
-        losses = window.stacked(self.info.device)
-        dist.all_reduce(losses)
-        losses = losses.cpu()
+        return self.reduced_window(window)[0]
+
+    def reduced_window(self, window: Window) -> tuple[torch.Tensor, float]:
+        """`step_losses` and the samples of every rank, from one all-reduce."""
+        samples = torch.tensor([window.samples], dtype=torch.float64, device=self.info.device)
+        totals = torch.cat([window.stacked(self.info.device), samples])
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+        losses, samples = totals[:-1], float(totals[-1])
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             raise NonFiniteLoss(
@@ -320,14 +326,12 @@ class Trainer:
                 "Lower optimizer.lr, raise optimizer.warmup_steps or set training.grad_clip, then resume from "
                 "the last checkpoint."
             )
-        return losses
+        return losses, samples
 
     def log_train(self, window: Window) -> dict[str, float]:
-        losses = self.step_losses(window)
-        samples = torch.tensor([window.samples], dtype=torch.float64, device=self.info.device)
-        dist.all_reduce(samples)
+        losses, samples = self.reduced_window(window)
         seconds = time.perf_counter() - window.started
-        samples_per_s = samples.item() / seconds
+        samples_per_s = samples / seconds
         values = {
             "loss": losses.sum().item() / max(1, window.steps * self.info.world_size),
             "lr": self.engine.get_lr()[0],
