@@ -211,6 +211,17 @@ class Trainer:
             raise FileNotFoundError(f"no checkpoint under {self.checkpointer.root}")
         Checkpointer(path.parent, self.checkpoint_parts(weights_only=True), optional=("bank",)).load(path)
 
+    def build_frozen_cache(self) -> None:
+        """EM3's frozen-feature cache (model.frozen_cache), computed after any resume or weight load, so the frozen
+        bottoms are the weights the run trains with, and under the step's autocast."""
+        content = self.model.dense.content
+        if not self.cfg.model.frozen_cache or content is None:
+            return
+        device = self.info.device
+        autocast = autocast_dtype(self.cfg)
+        with torch.autocast(device.type, autocast or torch.bfloat16, enabled=autocast is not None):
+            content.use_frozen_cache(self.items.chunks(), len(self.items), device, autocast)
+
     # ------------------------------------------------------------------------------------------------ steps
 
     def forward(self, batch: Batch, mode: str = TRAIN) -> tuple[torch.Tensor, StepOutput]:
@@ -269,6 +280,7 @@ class Trainer:
         cfg = self.cfg.training
         if self.step == 0 and self.content_source is not None:
             self.content_source.start(self.step)
+        self.build_frozen_cache()
         batches = iter(self.train_stream)
         show = self.info.is_main and self.cfg.logging.progress_bar
         # Redrawn often on a terminal; in a log file a line every 30 s is plenty.

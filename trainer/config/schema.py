@@ -148,6 +148,13 @@ class TowerConfig:
     trainable_top_layers: int = -1
     """-1: train every layer; k >= 0: freeze all but the top k layers (EM3 freezes single-modal encoders)."""
 
+    @property
+    def has_frozen_bottom(self) -> bool:
+        """Some blocks never train (a pretrained checkpoint's depth is known only once loaded)."""
+        return self.trainable_top_layers >= 0 and (
+            bool(self.pretrained) or self.trainable_top_layers < self.layers
+        )
+
     def validate(self, p: str) -> None:
         check(self.layers > 0, f"{p}.layers", "must be > 0")
         check(self.hidden > 0 and self.heads > 0, f"{p}.hidden", "hidden and heads must be > 0")
@@ -222,6 +229,11 @@ class ModelConfig:
     """RankMixer blocks (token mixing, then per-token FFN)."""
     ranker_hidden: int = 64
     """Per-token width in RankMixer / MLP width in DLRM-MLP."""
+    frozen_cache: bool = False
+    """EM3's frozen-feature cache: with a tower's trainable_top_layers = k >= 0, compute its frozen bottom (the
+    embeddings and all but the top k blocks) once per item of items.parquet before training, keep the outputs on
+    the device and run only the top k blocks in a step (`trainer/models/frozen_cache.py`; the same losses as
+    without it). Memory: items x tokens (text) or images x patches (vision) x hidden x dtype bytes, on every rank."""
 
     def validate(self, p: str) -> None:
         check(len(self.text_fields) > 0, f"{p}.text_fields", "needs at least one field")
@@ -254,6 +266,12 @@ class ModelConfig:
         )
         check(
             self.ranker_tokens > 0 and self.ranker_layers > 0, f"{p}.ranker_tokens", "tokens and layers > 0"
+        )
+        towers = [self.text_tower, *([self.vision_tower] if self.use_images else [])]
+        check(
+            not self.frozen_cache or (self.use_content and any(t.has_frozen_bottom for t in towers)),
+            f"{p}.frozen_cache",
+            "needs use_content and a content tower with a frozen bottom (0 <= trainable_top_layers < layers)",
         )
 
 

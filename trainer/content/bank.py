@@ -90,7 +90,10 @@ def sample_rows_on_device(
 def encode_rows(encoder: Encoder, batch: Batch, rows: torch.Tensor, grad: bool) -> torch.Tensor:
     text = {f: Tokens(t.input_ids[rows], t.attention_mask[rows]) for f, t in batch.text.items()}
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        return encoder(text, batch.images[rows], batch.image_mask[rows])
+        ids = batch.known_item_ids
+        return encoder(
+            text, batch.images[rows], batch.image_mask[rows], ids[rows] if ids is not None else None
+        )
 
 
 class BankContent:
@@ -168,7 +171,8 @@ class BankContent:
         size = batch.size
         if rows.backward.numel() == size or rows.forward_only.numel() == size:  # every row: one plain call
             with torch.set_grad_enabled(rows.backward.numel() == size and torch.is_grad_enabled()):
-                return self.encoder(batch.text, batch.images, batch.image_mask), batch.valid.clone()
+                target = self.encoder(batch.text, batch.images, batch.image_mask, batch.known_item_ids)
+                return target, batch.valid.clone()
         target = from_bank.new_zeros(size, self.bank.dim)
         target = target.index_put((rows.from_bank,), from_bank)
         for part, grad in ((rows.backward, True), (rows.forward_only, False)):

@@ -17,7 +17,8 @@ from trainer.data.batch import Batch
 from trainer.models.model import Embedded
 
 Encoder = nn.Module
-"""The content encoder: (text tokens per field, images [B, N, 3, H, W], image mask [B, N]) -> [B, C]."""
+"""The content encoder: (text tokens per field, images [B, N, 3, H, W], image mask [B, N], the item ids or None
+(`Batch.known_item_ids`: given only when every item is in items.parquet)) -> [B, C]."""
 TRAIN, EVAL, SERVE = "train", "eval", "serve"
 """Modes of a step: train; eval (every target encoded, no dedup join); serve (content from the bank only)."""
 

@@ -214,6 +214,13 @@ class Collator:
         arrays = self.item_token_arrays(ids, lambda field, i: samples[i]["text"][field])
         return {f: self.as_tokens(*arrays[f]) for f in arrays}
 
+    def items_known(self, samples: list[dict[str, Any]]) -> bool:
+        """Every target item is in the item token table (that is, in items.parquet)."""
+        if self.items is None:
+            return False
+        ids = np.fromiter((x["item_id"] for x in samples), np.int64, len(samples))
+        return bool(self.items.rows_of(ids)[1].all())
+
     def item_token_arrays(
         self, item_ids: np.ndarray, text_of: Callable[[str, int], str]
     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -285,4 +292,5 @@ class Collator:
             cold=column("cold", torch.bool),
             valid=torch.tensor(valid if valid is not None else [True] * len(samples), dtype=torch.bool),
             raw_histories=raw_histories,
+            items_known=self.items_known(samples),
         )

@@ -97,6 +97,10 @@ class ItemsParquet:
         spec = collator.spec
         self.columns = ["item_id", *spec.text_fields] + (["images"] if spec.images_per_sample else [])
 
+    def __len__(self) -> int:
+        """Items in the file (its footer's row count: nothing is read)."""
+        return pq.ParquetFile(self.path).metadata.num_rows
+
     def chunks(self, rank: int = 0, world_size: int = 1, rows: int = CHUNK) -> Iterator[ItemCatalog]:
         """This rank's rows, about `rows` at a time (constant memory). Every rank gets the same number of chunks
         (some may be empty), so a collective per chunk lines up across ranks."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -10,10 +11,12 @@ from torch import Tensor, nn
 
 from trainer.config.registry import FUSIONS
 from trainer.config.schema import ModelConfig
+from trainer.models.frozen_cache import FrozenFeatureCache
 from trainer.models.towers import Encoded, TextTower, VisionTower
 
 if TYPE_CHECKING:
     from trainer.data.batch import Tokens  # torchrec-heavy import; only the annotations need it
+    from trainer.data.item_catalog import ItemCatalog
 
 DROPOUT = 0.1
 """Same as the Hugging Face towers' default."""
@@ -144,16 +147,47 @@ class ContentEncoder(nn.Module):
         self.vision = VisionTower(cfg.vision_tower, image_size, cfg.patch_size) if cfg.use_images else None
         image_dim = self.vision.hidden_size if self.vision is not None else None
         self.fusion = FUSIONS.resolve(cfg.fusion)(cfg, self.text.hidden_size, image_dim, self.text.heads)
+        self.budgets = list(cfg.text_max_tokens)
+        self.frozen_cache: FrozenFeatureCache | None = None
+        """EM3's frozen-feature cache (`use_frozen_cache`); a plain attribute, so no state dict or engine sees it."""
+
+    def use_frozen_cache(
+        self,
+        chunks: Iterable[ItemCatalog],
+        count: int,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Compute the towers' frozen bottoms once over the catalog (every item of items.parquet; run under the
+        step's autocast, if any) and serve them from then on to every call that names its items."""
+        self.frozen_cache = None  # the old table's memory goes before the new one is built
+        self.frozen_cache = FrozenFeatureCache.build(
+            self.text, self.vision, self.fields, self.budgets, chunks, count, device, dtype
+        )
 
     def encode(
-        self, text: dict[str, Tokens], images: Tensor, image_mask: Tensor
+        self, text: dict[str, Tokens], images: Tensor, image_mask: Tensor, item_ids: Tensor | None = None
     ) -> tuple[Encoded, Encoded | None]:
-        """The single-modal encodings; image is None without a vision tower (with N == 0 it holds no tokens)."""
-        encoded = self.text([text[f] for f in self.fields])
-        return encoded, self.vision(images, image_mask) if self.vision is not None else None
+        """The single-modal encodings; image is None without a vision tower (with N == 0 it holds no tokens).
+        `item_ids`: the items' ids when every one is in items.parquet, so the frozen-feature cache may serve them."""
+        fields = [text[f] for f in self.fields]
+        cache = self.frozen_cache if item_ids is not None else None
+        rows = cache.rows(item_ids) if cache is not None else None
+        if cache is not None and cache.text is not None:
+            mask = torch.cat([f.attention_mask for f in fields], dim=1)
+            encoded = self.text.from_frozen(cache.text_features(rows, fields), mask)
+        else:
+            encoded = self.text(fields)
+        if self.vision is None:
+            return encoded, None
+        if cache is not None and cache.images is not None:
+            return encoded, self.vision.from_frozen(cache.images[rows], image_mask)
+        return encoded, self.vision(images, image_mask)
 
-    def forward(self, text: dict[str, Tokens], images: Tensor, image_mask: Tensor) -> Tensor:
-        return self.fusion(*self.encode(text, images, image_mask))
+    def forward(
+        self, text: dict[str, Tokens], images: Tensor, image_mask: Tensor, item_ids: Tensor | None = None
+    ) -> Tensor:
+        return self.fusion(*self.encode(text, images, image_mask, item_ids))
 
 
 def build_fqformer(cfg: ModelConfig, text_dim: int, image_dim: int | None, heads: int) -> nn.Module:

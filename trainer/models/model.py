@@ -161,7 +161,9 @@ class DenseArch(nn.Module):
         return nn.ModuleDict({"query_token": self.query_token, "decoders": self.decoders})
 
     def encode_content(self, batch: Batch) -> torch.Tensor | None:
-        return self.content(batch.text, batch.images, batch.image_mask) if self.content is not None else None
+        if self.content is None:
+            return None
+        return self.content(batch.text, batch.images, batch.image_mask, batch.known_item_ids)
 
     def forward(self, batch: Batch, embedded: Embedded, content: torch.Tensor | None = None) -> DenseOutput:
         """`content`: the target items' content vectors when the caller already encoded them (memory bank)."""

@@ -39,15 +39,56 @@ class Encoded:
     """[B, H]."""
 
 
+def frozen_count(encoder_layers: nn.ModuleList, top: int) -> int:
+    """How many bottom blocks never train: none with top = -1 (everything trains), else all but the top `top`."""
+    return 0 if top < 0 else max(len(encoder_layers) - top, 0)
+
+
 def freeze_all_but_top(encoder_layers: nn.ModuleList, embeddings: nn.Module, top: int) -> None:
     """-1: everything trains; k >= 0: the embeddings and all but the top k layers get requires_grad False.
 
     Frozen bottoms build no autograd graph, which is where EM3's frozen single-modal encoders save their memory.
     """
-    frozen = 0 if top < 0 else max(len(encoder_layers) - top, 0)
+    frozen = frozen_count(encoder_layers, top)
     embeddings.requires_grad_(top < 0)
     for i, layer in enumerate(encoder_layers):
         layer.requires_grad_(i >= frozen)
+
+
+class FrozenBottom:
+    """What a tower with a frozen bottom (`trainable_top_layers` k >= 0) shares: the bottom (embeddings and the
+    frozen blocks) is a fixed feature extractor, so it always runs in eval mode (no dropout), in training too. Its
+    output per item is then a function of the item's content alone, which is what lets EM3's frozen-feature cache
+    (`frozen_cache.py`) compute it once per item; the cached and the uncached step are the same function."""
+
+    encoder: PreTrainedModel
+    top: int
+
+    def frozen_modules(self) -> list[nn.Module]:
+        if self.top < 0:
+            return []
+        layers = encoder_layers(self.encoder)
+        return [self.encoder.embeddings, *layers[: frozen_count(layers, self.top)]]
+
+    def keep_bottom_in_eval(self) -> None:
+        for module in self.frozen_modules():
+            module.eval()
+
+    @property
+    def frozen_layers(self) -> int:
+        """Blocks below the first trainable one (0: nothing to cache)."""
+        return frozen_count(encoder_layers(self.encoder), self.top) if self.top >= 0 else 0
+
+    def top_layers(self) -> nn.ModuleList:
+        return encoder_layers(self.encoder)[self.frozen_layers :]
+
+
+def run_layers(layers: nn.ModuleList, hidden: Tensor, *args: Tensor) -> Tensor:
+    """The blocks in order, as the encoder runs them (older transformers releases return a tuple per block)."""
+    for layer in layers:
+        out = layer(hidden, *args)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
 
 
 def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
@@ -93,7 +134,7 @@ def resize_token_types(embeddings: nn.Module, num_fields: int) -> None:
     embeddings.token_type_embeddings = new
 
 
-class TextTower(nn.Module):
+class TextTower(FrozenBottom, nn.Module):
     """BERT-style encoder over one or more text fields concatenated in order (each already '[CLS] .. [SEP]'), with a
     token-type (segment) embedding per field added to position embeddings (LEMUR's doc transformer); pooled = the
     hidden state at position 0 (the first field's CLS).
@@ -118,7 +159,14 @@ class TextTower(nn.Module):
         if self.encoder.get_input_embeddings().num_embeddings < vocab_size:
             self.encoder.resize_token_embeddings(vocab_size)
         resize_token_types(self.encoder.embeddings, num_fields)
-        freeze_all_but_top(encoder_layers(self.encoder), self.encoder.embeddings, cfg.trainable_top_layers)
+        self.top = cfg.trainable_top_layers
+        freeze_all_but_top(encoder_layers(self.encoder), self.encoder.embeddings, self.top)
+        self.keep_bottom_in_eval()
+
+    def train(self, mode: bool = True) -> TextTower:
+        super().train(mode)
+        self.keep_bottom_in_eval()
+        return self
 
     @staticmethod
     def build(
@@ -143,7 +191,8 @@ class TextTower(nn.Module):
 
         return with_attention(make)
 
-    def forward(self, fields: list[Tokens]) -> Encoded:
+    def inputs(self, fields: list[Tokens]) -> dict[str, Tensor]:
+        """The fields concatenated in order, with a segment id per field and positions over real tokens only."""
         ids = torch.cat([f.input_ids for f in fields], dim=1)
         mask = torch.cat([f.attention_mask for f in fields], dim=1)
         token_types = torch.cat(
@@ -151,13 +200,32 @@ class TextTower(nn.Module):
             dim=1,
         )
         positions = (mask.cumsum(1) - 1).clamp(min=0) + self.position_offset
+        return {"input_ids": ids, "mask": mask, "token_type_ids": token_types, "position_ids": positions}
+
+    def forward(self, fields: list[Tokens]) -> Encoded:
+        x = self.inputs(fields)
         out = self.encoder(
-            input_ids=ids,
-            attention_mask=self.attention_mask(mask),
-            token_type_ids=token_types,
-            position_ids=positions,
+            input_ids=x["input_ids"],
+            attention_mask=self.attention_mask(x["mask"]),
+            token_type_ids=x["token_type_ids"],
+            position_ids=x["position_ids"],
         )
         tokens = out.last_hidden_state
+        return Encoded(tokens=tokens, mask=x["mask"].bool(), pooled=tokens[:, 0])
+
+    @torch.no_grad()
+    def frozen_features(self, fields: list[Tokens]) -> Tensor:
+        """[B, L, H] hidden states after the frozen bottom (what the frozen-feature cache keeps per item)."""
+        x = self.inputs(fields)
+        hidden = self.encoder.embeddings(
+            input_ids=x["input_ids"], token_type_ids=x["token_type_ids"], position_ids=x["position_ids"]
+        )
+        frozen = encoder_layers(self.encoder)[: self.frozen_layers]
+        return run_layers(frozen, hidden, self.attention_mask(x["mask"]))
+
+    def from_frozen(self, hidden: Tensor, mask: Tensor) -> Encoded:
+        """The trainable top over frozen features: the same output as `forward` on the inputs they came from."""
+        tokens = run_layers(self.top_layers(), hidden, self.attention_mask(mask))
         return Encoded(tokens=tokens, mask=mask.bool(), pooled=tokens[:, 0])
 
     def attention_mask(self, mask: Tensor) -> Tensor:
@@ -173,7 +241,7 @@ class TextTower(nn.Module):
         )
 
 
-class VisionTower(nn.Module):
+class VisionTower(FrozenBottom, nn.Module):
     """ViT over each of the N images (uint8, normalised inside with ImageNet mean/std); tokens of all images
     concatenated; pooled = masked mean of the images' CLS states (zeros where a sample has no image).
 
@@ -189,10 +257,16 @@ class VisionTower(nn.Module):
         self.interpolate = config.image_size != image_size
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
-        top = cfg.trainable_top_layers
+        self.top = top = cfg.trainable_top_layers
         freeze_all_but_top(encoder_layers(self.encoder), self.encoder.embeddings, top)
         if hasattr(self.encoder, "layernorm"):
             self.encoder.layernorm.requires_grad_(top != 0)  # the final norm belongs to the top layer
+        self.keep_bottom_in_eval()
+
+    def train(self, mode: bool = True) -> VisionTower:
+        super().train(mode)
+        self.keep_bottom_in_eval()
+        return self
 
     @staticmethod
     def build(cfg: TowerConfig, image_size: int, patch_size: int) -> PreTrainedModel:
@@ -217,14 +291,40 @@ class VisionTower(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.encoder.embeddings.patch_embeddings.projection.weight.dtype
 
+    def pixels(self, images: Tensor) -> Tensor:
+        """[B, N, 3, H, W] uint8 -> [B * N, 3, H, W] normalised, in the tower's dtype."""
+        return ((images.flatten(0, 1).float() - self.mean) / self.std).to(self.dtype)
+
     def forward(self, images: Tensor, image_mask: Tensor) -> Encoded:
         b, n = image_mask.shape
         if n == 0:
             return self.empty(b, images.device)
-        pixels = ((images.flatten(0, 1).float() - self.mean) / self.std).to(self.dtype)
         states = self.encoder(
-            pixel_values=pixels, interpolate_pos_encoding=self.interpolate
+            pixel_values=self.pixels(images), interpolate_pos_encoding=self.interpolate
         ).last_hidden_state
+        return self.pooled(states, image_mask)
+
+    @torch.no_grad()
+    def frozen_features(self, images: Tensor) -> Tensor:
+        """[B, N, P, H]: each image's patch states after the frozen bottom."""
+        b, n = images.shape[:2]
+        hidden = self.encoder.embeddings(self.pixels(images), interpolate_pos_encoding=self.interpolate)
+        hidden = run_layers(encoder_layers(self.encoder)[: self.frozen_layers], hidden)
+        return hidden.view(b, n, *hidden.shape[1:])
+
+    def from_frozen(self, hidden: Tensor, image_mask: Tensor) -> Encoded:
+        """The trainable top (and the final norm) over [B, N, P, H] frozen features: `forward`'s output."""
+        b, n = image_mask.shape
+        if n == 0:
+            return self.empty(b, hidden.device)
+        states = run_layers(self.top_layers(), hidden.flatten(0, 1))
+        if getattr(self.encoder, "layernorm", None) is not None:
+            states = self.encoder.layernorm(states)
+        return self.pooled(states, image_mask)
+
+    def pooled(self, states: Tensor, image_mask: Tensor) -> Encoded:
+        """[B * N, P, H] final states -> the tower's output: every image's tokens and their masked-mean CLS."""
+        b, n = image_mask.shape
         per_image = states.shape[1]
         states = states.view(b, n, per_image, self.hidden_size)
         weights = image_mask.to(states.dtype).unsqueeze(-1)
