@@ -7,12 +7,18 @@
     python benchmarks/step.py --small --batch-size 64 --samples 2048   # a CPU smoke run in a few minutes
     python benchmarks/step.py --variants lemur --arm 'ref:optimizer.fused=false' \
         --arm 'autocast:training.bf16_mode="autocast";distributed.zero_stage=0'   # config arms side by side
+    python benchmarks/step.py --preset em3 --variants em3_top1,em3_top1_cached --batch-size 512 \
+        --long-history 500 --items 20000 --samples 8192    # EM3's frozen-feature cache against its absence
 
 Variants (the lemur preset, text only, histories 1,000 / 50, bf16, ZeRO-2 on GPU):
   id_only    model.use_content = false, no bank
   content    content end to end, no bank (history tokens carry ID embeddings only)
   lemur      as shipped: memory bank, encoder sampling p = q = 0.2
   bank_p1    memory bank, p = q = 1 (every target encoded, with gradient)
+With --preset em3 (text + image towers, Fusion-Q-Former):
+  em3_top1          both towers frozen but their top block (trainable_top_layers = 1)
+  em3_top1_cached   the same with EM3's frozen-feature cache (model.frozen_cache): the frozen bottoms run once
+                    per item before the timed steps (reported as frozen_cache_build_s), a step runs the tops only
 
 Each (variant, GPU count) runs the real `Trainer` (DMP + DeepSpeed) in its own process(es) (torchrun). Reader
 excluded: --preload batches are read first and moved to the GPU, then --warmup steps, then --steps timed steps
@@ -56,6 +62,12 @@ VARIANTS: dict[str, list[str]] = {
     "content": ["memory_bank.enabled=false"],
     "lemur": [],
     "bank_p1": ["memory_bank.forward_share=1.0", "memory_bank.backward_share=1.0"],
+    "em3_top1": ["model.text_tower.trainable_top_layers=1", "model.vision_tower.trainable_top_layers=1"],
+    "em3_top1_cached": [
+        "model.text_tower.trainable_top_layers=1",
+        "model.vision_tower.trainable_top_layers=1",
+        "model.frozen_cache=true",
+    ],
 }
 Arm = tuple[str, list[str]]
 """A labelled set of config overrides that every (variant, GPU count) also runs under (`--arm`)."""
@@ -83,10 +95,11 @@ def ensure_data(args: argparse.Namespace) -> Path:
     from trainer.dataset_tools.synth.generate import synthesize
 
     overrides = synth_overrides(args)
-    out = Path(args.data_dir) / ("step-" + "-".join(o.split("=")[1] for o in overrides[:5]))
+    name = "-".join(o.split("=")[1] for o in overrides[:5])
+    out = Path(args.data_dir) / (f"step-{name}" if args.preset == "lemur" else f"step-{args.preset}-{name}")
     if not (out / "dataset.json").is_file():
         started = time.time()
-        cfg = load_config("lemur", overrides)
+        cfg = load_config(args.preset, overrides)
         synthesize(cfg.data.synth, out, vocab_size=cfg.data.vocab_size, force=True, progress=False)
         print(f"synthesised {out.name} in {time.time() - started:.0f}s", flush=True)
     return out
@@ -122,8 +135,13 @@ def child(args: argparse.Namespace) -> None:
     setup_logging(info.rank)
     device = info.device
     with tempfile.TemporaryDirectory() as out_dir:
-        cfg = load_config("lemur", run_overrides(args, args.variant, Path(args.data), out_dir, args.world))
+        cfg = load_config(
+            args.preset, run_overrides(args, args.variant, Path(args.data), out_dir, args.world)
+        )
         trainer = Trainer(cfg, info)
+        began = time.perf_counter()
+        trainer.build_frozen_cache()  # nothing unless model.frozen_cache
+        cache_seconds = time.perf_counter() - began
         # Preloaded from a worker-less reader: the trainer's own stream (its workers prefetching on every core)
         # starts only for the reader-included run, so it cannot slow the reader-excluded steps.
         workers, cfg.data.num_workers = cfg.data.num_workers, 0
@@ -141,7 +159,9 @@ def child(args: argparse.Namespace) -> None:
             sync(device)
             return time.perf_counter() - began
 
-        steps(args.warmup)
+        first_loss = float(trainer.train_step(batches[0]))  # same seed and batch in every run: comparable
+        trainer.step += 1
+        steps(max(0, args.warmup - 1))
         memory_reset(device)
         seconds = steps(args.steps)
         result: dict[str, Any] = {
@@ -151,6 +171,8 @@ def child(args: argparse.Namespace) -> None:
             "step_ms": seconds / args.steps * 1e3,
             "samples_per_s": args.steps * cfg.data.batch_size * info.world_size / seconds,
             "peak_gib": peak_memory(device),
+            "first_loss": first_loss,
+            "frozen_cache_build_s": cache_seconds if cfg.model.frozen_cache else None,
         }
         result["samples_per_s_per_gpu"] = result["samples_per_s"] / info.world_size
         result.update(profile_steps(trainer, batches, device, args.profile_steps))
@@ -423,7 +445,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`",
         f"Commit: {report['commit']}; host {report['host']}; torch {report.get('torch', '-')}.",
-        f"Shapes: lemur preset{' (small towers)' if report['small'] else ''}, batch {report['batch_size']} per GPU, "
+        f"Shapes: {report.get('preset', 'lemur')} preset{' (small towers)' if report['small'] else ''}, "
+        f"batch {report['batch_size']} per GPU, "
         f"histories {report['long_history']} / 50, dataset {report['samples']:,} samples over {report['items']:,} "
         "items. Reader excluded: batches preloaded on the device. GPU busy = kernel time / step time.",
         "",
@@ -438,6 +461,22 @@ def markdown(report: dict[str, Any]) -> str:
             f"{fmt(r.get('busy'), '.0%')} | {r['kernels_per_step']:,.0f} | {r['stream_syncs_per_step']:.0f} | "
             f"{r['dtoh_copies_per_step']:.0f} | {r['item_calls_per_step']:.0f} | {r['nonzero_per_step']:.0f} | "
             f"{fmt(r.get('peak_gib'), '.1f')} | {fmt(r.get('reader_samples_per_s'), ',.0f')} |"
+        )
+    lines += [
+        "",
+        "The first step's loss (same seed, same batch, before any update; equal up to the dtype's rounding where "
+        "two runs compute the same function): "
+        + ", ".join(
+            f"{r['variant']} x{r['gpus']} {r['first_loss']:.6f}" for r in report["runs"] if "first_loss" in r
+        )
+        + ".",
+    ]
+    built = [r for r in report["runs"] if r.get("frozen_cache_build_s") is not None]
+    if built:
+        lines.append(
+            "Frozen-feature cache built before the timed steps in "
+            + ", ".join(f"{r['frozen_cache_build_s']:.1f} s ({r['variant']} x{r['gpus']})" for r in built)
+            + "."
         )
     lines += ["", "GPU time per phase (ms per step, kernels each phase launched; idle = step - busy):", ""]
     lines.append("| variant | GPUs | " + " | ".join(PHASES) + " | idle |")
@@ -568,6 +607,7 @@ def passthrough(args: argparse.Namespace) -> list[str]:
     ]
     out += ["--reader-steps", str(args.reader_steps), "--reader-warmup", str(args.reader_warmup)]
     out += [flag for flag, on in (("--small", args.small), ("--cpu", args.cpu)) if on]
+    out += ["--preset", args.preset]
     out += [] if args.reader else ["--no-reader"]
     for item in args.overrides:
         out += ["--set", item]
@@ -617,6 +657,7 @@ def main() -> int:
     parser.add_argument("--samples-per-shard", type=int, default=1024)
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--long-history", type=int, default=1000)
+    parser.add_argument("--preset", default="lemur", help="the config preset the variants start from")
     parser.add_argument("--small", action="store_true", help="small towers (a smoke run)")
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU, float32, ZeRO 0")
     parser.add_argument("--data-dir", default="/tmp/lemur-bench-data")
@@ -656,6 +697,7 @@ def main() -> int:
         "commit": commit(),
         "command": "python benchmarks/step.py " + " ".join(sys.argv[1:]),
         "small": args.small,
+        "preset": args.preset,
         "batch_size": args.batch_size,
         "long_history": args.long_history,
         "samples": args.samples,
