@@ -54,7 +54,7 @@ def test_table_is_cached_by_tokenizer_and_budgets_and_misses_fall_back(small_dat
         {"item_id": int(table.item_ids[0]), "text": {f: "ignored" for f in collator.spec.text_fields}},
         {"item_id": -12345, "text": {f: "a word" for f in collator.spec.text_fields}},
     ]
-    text = collator.item_text(batch_samples)
+    text, _ = collator.item_text(batch_samples)
     expected = collator.tokens(["a word"], collator.spec.text_fields["title"])
     assert torch.equal(text["title"].input_ids[1], expected.input_ids[0])  # the miss: its own text
     n = int(table.lengths["title"][0])

@@ -171,7 +171,9 @@ class BankContent:
         size = batch.size
         if rows.backward.numel() == size or rows.forward_only.numel() == size:  # every row: one plain call
             with torch.set_grad_enabled(rows.backward.numel() == size and torch.is_grad_enabled()):
-                target = self.encoder(batch.text, batch.images, batch.image_mask, batch.known_item_ids)
+                target = self.encoder(
+                    batch.text, batch.images, batch.image_mask, batch.known_item_ids, batch.packed_text
+                )
                 return target, batch.valid.clone()
         target = from_bank.new_zeros(size, self.bank.dim)
         target = target.index_put((rows.from_bank,), from_bank)

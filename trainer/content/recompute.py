@@ -21,7 +21,9 @@ class RecomputeContent:
         if mode == SERVE:
             raise ValueError("memory_bank.mode = 'recompute' has no bank to serve from")
         names, lengths, ids, mask = flat_histories(embedded)
-        target = self.encoder(batch.text, batch.images, batch.image_mask, batch.known_item_ids)
+        target = self.encoder(
+            batch.text, batch.images, batch.image_mask, batch.known_item_ids, batch.packed_text
+        )
         unique, inverse = torch.unique(ids[mask], return_inverse=True)
         rows, found = self.catalog.rows_of(unique)
         known = found.nonzero().squeeze(1)

@@ -15,6 +15,20 @@ class Tokens:
 
 
 @dataclass
+class PackedText:
+    """The target items' text fields with their padding squeezed out, for the towers: each row's real tokens of all
+    fields left-packed (the segment of each token in `token_types`), the rows sorted by length and cut into buckets
+    of equal row counts, each padded only to its own longest row. The towers' outputs are those of the padded
+    fields (positions count real tokens, attention masks padding, the fusion has no positions), so running them
+    bucket by bucket skips the padding's work (`ContentEncoder.forward`)."""
+
+    rows: torch.Tensor
+    """[B] int64: the batch rows in bucket order (bucket k holds rows[k * n : (k + 1) * n])."""
+    buckets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    """Per bucket: token ids, attention mask (int64, 1 = token) and token types (field index), [n_k, width_k]."""
+
+
+@dataclass
 class Batch:
     sparse: KeyedJaggedTensor
     """Pooled id features (EmbeddingBagCollection): user_id, query_id (search), then the spec's sparse features.
@@ -46,6 +60,8 @@ class Batch:
     raw_histories: KeyedJaggedTensor | None = None
     """The history sequences' raw item ids (same lengths as in `sequences`), when the reader keeps them: the memory
     bank and the recompute baseline look items up by raw id, not by table row."""
+    packed_text: PackedText | None = None
+    """`text` without its padding, in length buckets (`data.text_buckets` > 0), for the calls that encode every row."""
     items_known: bool = False
     """Every target item is in items.parquet (the reader joined its text by id), so item-keyed caches of content,
     built from the same file, hold it (`ContentEncoder.frozen_cache`)."""
@@ -77,6 +93,8 @@ class Batch:
                 return fn(value)
             if isinstance(value, Tokens):
                 return Tokens(fn(value.input_ids), fn(value.attention_mask))
+            if isinstance(value, PackedText):
+                return PackedText(fn(value.rows), [tuple(fn(t) for t in bucket) for bucket in value.buckets])
             if isinstance(value, dict) and value and isinstance(next(iter(value.values())), Tokens):
                 return {k: apply(v) for k, v in value.items()}
             return value

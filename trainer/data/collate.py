@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from embeddings.tables import hash_kjt
 from trainer.config.schema import ConfigError
-from trainer.data.batch import Batch, Tokens
+from trainer.data.batch import Batch, PackedText, Tokens
 from trainer.data.item_tokens import ItemTokens
 from trainer.data.spec import DatasetSpec
 
@@ -55,6 +55,9 @@ class CollateSpec:
     """Pad each text field to the batch's longest (rounded up to a multiple of PAD_MULTIPLE, at most the budget)
     instead of the budget. The towers' outputs do not change (positions count real tokens, attention masks
     padding); their work shrinks with the padding (the synthetic lemur text fills about a fifth of its budgets)."""
+    text_buckets: int = 0
+    """> 0: also hand the text to the towers packed (`Batch.packed_text`): real tokens only, rows sorted by length
+    into this many buckets, each padded to its own longest row (rounded up to PAD_MULTIPLE)."""
 
 
 def history_lengths(spec: DatasetSpec, max_history: dict[str, int] | None = None) -> dict[str, int]:
@@ -78,6 +81,7 @@ def collate_spec(
     table_rows: dict[str, int] | None = None,
     raw_histories: bool = False,
     pad_to_longest: bool = False,
+    text_buckets: int = 0,
 ) -> CollateSpec:
     missing = [f for f in text_fields if f not in spec.text]
     if missing:
@@ -98,6 +102,7 @@ def collate_spec(
         table_rows=dict(table_rows) if table_rows is not None else None,
         raw_histories=raw_histories,
         pad_to_longest=pad_to_longest,
+        text_buckets=text_buckets,
     )
 
 
@@ -208,11 +213,12 @@ class Collator:
             torch.from_numpy(np.ascontiguousarray(ids)), torch.from_numpy(np.ascontiguousarray(mask))
         )
 
-    def item_text(self, samples: list[dict[str, Any]]) -> dict[str, Tokens]:
-        """The target items' text fields, as the towers take them."""
+    def item_text(self, samples: list[dict[str, Any]]) -> tuple[dict[str, Tokens], PackedText | None]:
+        """The target items' text fields as the towers take them, and packed (with spec.text_buckets)."""
         ids = np.fromiter((x["item_id"] for x in samples), np.int64, len(samples))
         arrays = self.item_token_arrays(ids, lambda field, i: samples[i]["text"][field])
-        return {f: self.as_tokens(*arrays[f]) for f in arrays}
+        packed = pack_text(list(arrays.values()), self.spec.text_buckets) if self.spec.text_buckets else None
+        return {f: self.as_tokens(*arrays[f]) for f in arrays}, packed
 
     def items_known(self, samples: list[dict[str, Any]]) -> bool:
         """Every target item is in the item token table (that is, in items.parquet)."""
@@ -266,6 +272,7 @@ class Collator:
         def column(name: str, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor([x[name] for x in samples], dtype=dtype)
 
+        text, packed_text = self.item_text(samples)
         sparse, sequences = jagged(s.pooled_keys, pooled_rows), jagged(s.sequence_keys, sequence_rows)
         raw_histories = None
         if s.raw_histories:
@@ -279,7 +286,8 @@ class Collator:
             sparse=sparse,
             sequences=sequences,
             dense=rows_of([x["dense"] for x in samples], len(s.dense)),
-            text=self.item_text(samples),
+            text=text,
+            packed_text=packed_text,
             query=self.query_tokens([x["query"] for x in samples]) if s.query_tokens else None,
             images=torch.from_numpy(images),
             image_mask=torch.from_numpy(image_mask),
@@ -294,3 +302,27 @@ class Collator:
             raw_histories=raw_histories,
             items_known=self.items_known(samples),
         )
+
+
+def pack_text(fields: list[tuple[np.ndarray, np.ndarray]], buckets: int) -> PackedText:
+    """Token ids and masks [B, budget] per field -> `PackedText`: every row's real tokens left-packed in field order
+    (a stable sort of the columns by "is padding"), rows sorted by length and cut into `buckets` equal parts, each
+    as wide as its longest row (rounded up to PAD_MULTIPLE)."""
+    ids = np.concatenate([f[0] for f in fields], axis=1)
+    mask = np.concatenate([f[1] for f in fields], axis=1).astype(bool)
+    types = np.concatenate([np.full(f[0].shape, i, dtype=np.int64) for i, f in enumerate(fields)], axis=1)
+    columns = np.argsort(~mask, axis=1, kind="stable")
+    ids, mask, types = (np.take_along_axis(a, columns, axis=1) for a in (ids, mask, types))
+    lengths = mask.sum(1)
+    rows = np.argsort(lengths, kind="stable")
+    out = []
+    for part in np.array_split(rows, min(buckets, len(rows)) or 1):
+        longest = int(lengths[part].max()) if len(part) else 1
+        width = min(ids.shape[1], -(-max(longest, 1) // PAD_MULTIPLE) * PAD_MULTIPLE)
+        out.append(
+            tuple(
+                torch.from_numpy(np.ascontiguousarray(a[part, :width]))
+                for a in (ids, mask.astype(np.int64), types)
+            )
+        )
+    return PackedText(torch.from_numpy(rows.astype(np.int64)), out)  # type: ignore[arg-type]

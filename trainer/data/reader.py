@@ -321,6 +321,7 @@ def make_batch_stream(
         table_rows,
         raw_histories,
         pad_to_longest,
+        data.text_buckets,
     )
     items = load_item_tokens(Path(data.path) / "items.parquet", tokenizer, collate.text_fields)
     dataset = ShardDataset(shards, spec, collate, tokenizer, settings, rank, world_size, items)

@@ -15,7 +15,7 @@ from trainer.models.frozen_cache import FrozenFeatureCache
 from trainer.models.towers import Encoded, TextTower, VisionTower
 
 if TYPE_CHECKING:
-    from trainer.data.batch import Tokens  # torchrec-heavy import; only the annotations need it
+    from trainer.data.batch import PackedText, Tokens  # torchrec-heavy import; only the annotations need it
     from trainer.data.item_catalog import ItemCatalog
 
 DROPOUT = 0.1
@@ -185,9 +185,30 @@ class ContentEncoder(nn.Module):
         return encoded, self.vision(images, image_mask)
 
     def forward(
-        self, text: dict[str, Tokens], images: Tensor, image_mask: Tensor, item_ids: Tensor | None = None
+        self,
+        text: dict[str, Tokens],
+        images: Tensor,
+        image_mask: Tensor,
+        item_ids: Tensor | None = None,
+        packed: PackedText | None = None,
     ) -> Tensor:
+        """`packed`: the same text without its padding (`Batch.packed_text`), encoded bucket by bucket (every row is
+        encoded on its own, so the rows may go in any grouping); not with the frozen-feature cache, which serves
+        the text tower's bottom by item instead."""
+        if packed is not None and (self.frozen_cache is None or item_ids is None):
+            return self.forward_packed(packed, images, image_mask)
         return self.fusion(*self.encode(text, images, image_mask, item_ids))
+
+    def forward_packed(self, packed: PackedText, images: Tensor, image_mask: Tensor) -> Tensor:
+        outputs, start = [], 0
+        for ids, mask, token_types in packed.buckets:
+            rows = packed.rows[start : start + ids.shape[0]]
+            start += ids.shape[0]
+            text = self.text.encode(self.text.packed_inputs(ids, mask, token_types))
+            image = self.vision(images[rows], image_mask[rows]) if self.vision is not None else None
+            outputs.append(self.fusion(text, image))
+        in_bucket_order = torch.cat(outputs)
+        return torch.empty_like(in_bucket_order).index_copy(0, packed.rows, in_bucket_order)
 
 
 def build_fqformer(cfg: ModelConfig, text_dim: int, image_dim: int | None, heads: int) -> nn.Module:

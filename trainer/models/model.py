@@ -163,7 +163,9 @@ class DenseArch(nn.Module):
     def encode_content(self, batch: Batch) -> torch.Tensor | None:
         if self.content is None:
             return None
-        return self.content(batch.text, batch.images, batch.image_mask, batch.known_item_ids)
+        return self.content(
+            batch.text, batch.images, batch.image_mask, batch.known_item_ids, batch.packed_text
+        )
 
     def forward(self, batch: Batch, embedded: Embedded, content: torch.Tensor | None = None) -> DenseOutput:
         """`content`: the target items' content vectors when the caller already encoded them (memory bank)."""

@@ -199,11 +199,18 @@ class TextTower(FrozenBottom, nn.Module):
             [torch.full_like(f.input_ids, i) for i, f in enumerate(fields)],
             dim=1,
         )
+        return self.packed_inputs(ids, mask, token_types)
+
+    def packed_inputs(self, ids: Tensor, mask: Tensor, token_types: Tensor) -> dict[str, Tensor]:
+        """Ids, mask and segments as laid out (padded fields side by side, or real tokens packed), with positions
+        that count real tokens only: the same position for a token in either layout."""
         positions = (mask.cumsum(1) - 1).clamp(min=0) + self.position_offset
         return {"input_ids": ids, "mask": mask, "token_type_ids": token_types, "position_ids": positions}
 
     def forward(self, fields: list[Tokens]) -> Encoded:
-        x = self.inputs(fields)
+        return self.encode(self.inputs(fields))
+
+    def encode(self, x: dict[str, Tensor]) -> Encoded:
         out = self.encoder(
             input_ids=x["input_ids"],
             attention_mask=self.attention_mask(x["mask"]),
