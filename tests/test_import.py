@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import signal
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -288,3 +291,153 @@ def test_directory_of_parquet_files(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="ignoring columns outside the import schema: vendor"):
         spec = _import(tmp_path / "logs", items_path, tmp_path / "out")
     assert spec.counts["train"] + spec.counts["eval"] == N_ROWS
+
+
+# ------------------------------------------------------------------------------------------- bad input (issue 12)
+
+
+def _no_leftovers(tmp_path: Path) -> bool:
+    return not list(tmp_path.glob(".dataset*"))
+
+
+def test_image_file_over_the_cap_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    items = _items_table(tmp_path, "path")
+    with open(tmp_path / "img" / "3.jpg", "wb") as f:
+        f.truncate(2 * 2**30)  # sparse: 2 GiB on paper, no disk used; reading it would take 2 GiB of memory
+    inter_path, items_path = _write(tmp_path, _interactions_table(), items)
+    with pytest.raises(DataImportError) as err:
+        _import(inter_path, items_path, tmp_path / "dataset")
+    message = str(err.value)
+    assert f"{items_path}, column 'image_path', row 3: {tmp_path / 'img' / '3.jpg'}" in message
+    assert "2,147,483,648 bytes, over the 33,554,432-byte cap" in message
+    assert not (tmp_path / "dataset").exists() and _no_leftovers(tmp_path)
+
+
+def test_image_bytes_over_the_cap_name_the_row(tmp_path: Path) -> None:
+    inter_path, items_path = _write(tmp_path, _interactions_table(), _items_table(tmp_path, "bytes"))
+    with pytest.raises(DataImportError, match=r"column 'image', row 0: \d+ bytes, over the 100-byte cap"):
+        _import(inter_path, items_path, tmp_path / "dataset", max_image_bytes=100)
+
+
+@pytest.mark.parametrize("link", [True, False])
+def test_image_path_to_a_non_image_names_the_row(tmp_path: Path, link: bool) -> None:
+    items = _items_table(tmp_path, "path")
+    target = (
+        tmp_path / "notes"
+    )  # no suffix: the old importer took the format from the target's name (KeyError '')
+    target.write_text("not an image")
+    (tmp_path / "img" / "4.jpg").unlink()
+    if link:
+        (tmp_path / "img" / "4.jpg").symlink_to(target)
+    else:
+        (tmp_path / "img" / "4.jpg").write_text("not an image")
+    inter_path, items_path = _write(tmp_path, _interactions_table(), items)
+    shown = f"{tmp_path / 'img' / '4.jpg'} -> {target}" if link else str(tmp_path / "img" / "4.jpg")
+    with pytest.raises(DataImportError) as err:
+        _import(inter_path, items_path, tmp_path / "dataset")
+    assert str(err.value) == f"{items_path}, column 'image_path', row 4: {shown} is not a JPEG or PNG file"
+
+
+def test_symlinked_image_takes_its_format_from_its_bytes(tmp_path: Path) -> None:
+    items = _items_table(tmp_path, "path")
+    target = tmp_path / "blob"
+    target.write_bytes(_image("PNG", 9))
+    (tmp_path / "img" / "0.jpg").unlink()
+    (tmp_path / "img" / "0.jpg").symlink_to(target)
+    inter_path, items_path = _write(tmp_path, _interactions_table(), items)
+    _import(inter_path, items_path, tmp_path / "dataset")
+    members = [m for _, r, m in _read_split(tmp_path / "dataset", "train") if r["item_id"] == BASE_ID]
+    assert members and all(m == {"png": target.read_bytes()} for m in members)
+
+
+@pytest.mark.parametrize("column", ["user_id", "history_recent"])
+def test_uint64_past_int64_names_the_row(tmp_path: Path, column: str) -> None:
+    inter = _interactions_table()
+    values = inter[column].to_pylist()
+    huge = 2**63 + 1
+    if column == "user_id":
+        values[4] = huge
+        array = pa.array(values, pa.uint64())
+    else:
+        values[4] = [1, huge]
+        array = pa.array(values, pa.list_(pa.uint64()))
+    inter = inter.set_column(inter.column_names.index(column), column, array)
+    inter_path, items_path = _write(tmp_path, inter, _items_table(tmp_path, "bytes"))
+    with pytest.raises(DataImportError, match=rf"{inter_path}, column '{column}', row 4: {huge} is beyond"):
+        _import(inter_path, items_path, tmp_path / "dataset")
+
+
+def test_dense_value_past_float32_names_the_row(tmp_path: Path) -> None:
+    inter = _interactions_table()
+    prices = inter["dense_price"].to_pylist()
+    prices[6] = 1e39  # finite in float64 and JSON, inf in the float32 batch: the reader rejects it
+    inter = inter.set_column(inter.column_names.index("dense_price"), "dense_price", pa.array(prices))
+    inter_path, items_path = _write(tmp_path, inter, _items_table(tmp_path, "bytes"))
+    with pytest.raises(
+        DataImportError, match=r"'dense_price', row 6: 1e\+39 \(NaN/inf, or not finite as float32"
+    ):
+        _import(inter_path, items_path, tmp_path / "dataset")
+
+
+def test_non_parquet_input_names_the_file(tmp_path: Path) -> None:
+    _, items_path = _write(tmp_path, _interactions_table(), _items_table(tmp_path, "bytes"))
+    (tmp_path / "logs").mkdir()
+    pq.write_table(_interactions_table(), tmp_path / "logs" / "part-0.parquet")
+    csv = tmp_path / "logs" / "part-1.parquet"
+    csv.write_text("user_id,item_id\n1,2\n")
+    with pytest.raises(DataImportError, match=rf"^{csv}: not a readable Parquet file \(.*magic bytes"):
+        _import(tmp_path / "logs", items_path, tmp_path / "dataset")
+
+
+@pytest.mark.parametrize("how", ["ctrl_c", "sigterm"])
+def test_interrupt_removes_the_partial_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    inter_path, items_path = _write(tmp_path, _interactions_table(), _items_table(tmp_path, "bytes"))
+
+    def interrupted(*args: Any) -> None:
+        assert list(tmp_path.glob(".dataset.partial/*.tar"))  # shards were written
+        if how == "ctrl_c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(importer, "train_tokenizer", interrupted)
+    with pytest.raises(KeyboardInterrupt if how == "ctrl_c" else SystemExit):
+        _import(inter_path, items_path, tmp_path / "dataset")
+    assert not (tmp_path / "dataset").exists() and _no_leftovers(tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_kill_between_the_final_renames_is_repaired_next_time(tmp_path: Path) -> None:
+    inter_path, items_path = _write(tmp_path, _interactions_table(), _items_table(tmp_path, "bytes"))
+    out = tmp_path / "dataset"
+    _import(inter_path, items_path, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    old, partial = tmp_path / ".dataset.old", tmp_path / ".dataset.partial"
+
+    # Killed between the renames: the previous dataset is at .old, none at out; it is put back.
+    out.rename(old)
+    partial.mkdir()
+    (partial / "train-000000.tar").write_bytes(b"half written")
+    with pytest.warns(UserWarning, match="restored it to"), pytest.raises(FileExistsError, match="--force"):
+        _import(inter_path, items_path, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert _no_leftovers(tmp_path)
+
+    # Killed after them: .old is the replaced dataset beside the new one; it is removed.
+    shutil.copytree(out, old)
+    with pytest.warns(UserWarning, match="removed the dataset an interrupted import had replaced"):
+        _import(inter_path, items_path, out, force=True)
+    assert _no_leftovers(tmp_path)
+
+
+def test_items_parquet_is_written_a_bounded_run_of_images_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inter_path, items_path = _write(tmp_path, _interactions_table(), _items_table(tmp_path, "path"))
+    monkeypatch.setattr(importer, "ITEMS_CHUNK_BYTES", 1)  # every item's images end a row group
+    _import(inter_path, items_path, tmp_path / "dataset")
+    written = pq.ParquetFile(tmp_path / "dataset" / "items.parquet")
+    assert written.metadata.num_row_groups == N_ITEMS
+    images = written.read()["images"].to_pylist()
+    assert images == [[(tmp_path / "img" / f"{k}.jpg").read_bytes()] for k in range(N_ITEMS)]

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import shutil
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from trainer.config import load_config
+from trainer.data import record as binary_record
+from trainer.data.decode import parse_sample
 from trainer.data.spec import DatasetSpec, read_spec
 from trainer.dataset_tools.inspect import THUMB, abbreviate, inspect_dataset
 from trainer.dataset_tools.synth.generate import synthesize
@@ -165,14 +170,14 @@ def test_corrupt_members_are_reported(image_dataset: Path, tmp_path: Path) -> No
         extra={"eval_000000_000002.pickle": pickle.dumps(Boom())},
     )
     report = inspect_dataset(str(data), samples=1)
-    problems = {(p["shard"], p["member"]): p["error"] for p in report["problems"]}
-    assert problems[(shard.name, "eval_000000_000000.json")].startswith("bad JSON")
-    assert problems[(shard.name, "eval_000000_000001.jpg")].startswith("bad image")
-    assert report["counts"]["eval"] == spec.counts["eval"] - 1
-    assert report["counts"]["train"] == spec.counts["train"]
+    problems = {(p["shard"], p["key"], p["field"], p["reason"]) for p in report["problems"]}
+    assert problems == {
+        (shard.name, "eval_000000_000000", "json", "malformed_json"),
+        (shard.name, "eval_000000_000001", "jpg", "bad_image"),
+    }
+    assert report["counts"] == {split: spec.counts[split] for split in spec.shards}  # no sample lost
+    assert report["rejected"] == {"train": 0, "eval": 2}
     assert report["members"]["other"] == 1
-    assert "valid samples read" in problems[(shard.name, "")]
-    assert len(problems) == 3
 
 
 @pytest.mark.parametrize("cut", ["in_data", "in_header"])
@@ -186,9 +191,10 @@ def test_truncated_shard_is_reported(image_dataset: Path, tmp_path: Path, cut: s
     end = middle.offset_data + 10 if cut == "in_data" else middle.offset + 64
     shard.write_bytes(shard.read_bytes()[:end])
     report = inspect_dataset(str(data), samples=0)
-    errors = [p["error"] for p in report["problems"] if p["shard"] == shard.name]
-    assert any("unreadable tar" in error for error in errors)
-    assert any("valid samples read" in error for error in errors)
+    assert {p["reason"] for p in report["problems"] if p["shard"] == shard.name} == {
+        "corrupt_tar",
+        "count_mismatch",
+    }
     assert 0 < report["counts"]["train"] < spec.counts["train"]
     assert report["counts"]["eval"] == spec.counts["eval"]
 
@@ -212,3 +218,103 @@ def test_sheet_falls_back_to_shard_images(image_dataset: Path, tmp_path: Path) -
     assert report["sheet"] == str(data / "contact_sheet.png")
     with Image.open(report["sheet"]) as image:
         assert image.width >= 8 * THUMB
+
+
+def edited_records(shard: Path, edits: dict[int, Callable[[dict[str, Any]], Any]]) -> dict[str, bytes]:
+    """{member name: new .json bytes} for the shard's samples at the given positions, each edited in place."""
+    with tarfile.open(shard) as tar:
+        names = [m.name for m in tar.getmembers() if m.name.endswith(".json")]
+        out = {}
+        for index, edit in edits.items():
+            record = json.loads(tar.extractfile(names[index]).read())
+            edit(record)
+            out[names[index]] = json.dumps(record).encode()
+    return out
+
+
+def test_what_the_reader_rejects_is_reported_per_shard_and_key(
+    image_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "rejects"
+    shutil.copytree(image_dataset, data)
+    spec = read_spec(data)
+    shard = data / spec.shards["eval"][0].name
+    expected = {  # sample -> (edit, field, reason): one of each kind the reader rejects
+        0: (lambda r: r.update(user_id="17"), "user_id", "bad_id"),
+        1: (lambda r: r.update(item_id=[1, 2]), "item_id", "bad_id"),  # crashed inspect with a TypeError
+        2: (lambda r: r.update(item_id=2**63), "item_id", "bad_id"),
+        3: (lambda r: r["sparse"].update(tags=[-(2**63) - 1]), "sparse.tags", "bad_id"),
+        4: (lambda r: r["dense"].update(hour=float("nan")), "dense.hour", "nan_dense"),
+        5: (lambda r: r["dense"].update(hour=1e39), "dense.hour", "nan_dense"),  # finite, but inf as float32
+        6: (lambda r: r["dense"].update(hour="0.5"), "dense.hour", "bad_type"),
+        7: (lambda r: r["labels"].update(click=2), "labels.click", "bad_label"),
+        8: (lambda r: r["history"].update(short=list(range(21))), "history.short", "history_too_long"),
+        9: (lambda r: r["text"].update(title="x" * 4001), "text.title", "text_too_long"),
+        10: (lambda r: r.update(cold="false"), "cold", "bad_type"),
+        11: (lambda r: r.pop("timestamp"), "timestamp", "missing_field"),
+    }
+    rewrite_shard(shard, edit=edited_records(shard, {i: e for i, (e, _, _) in expected.items()}), extra={})
+    report = inspect_dataset(str(data), samples=0)
+
+    keys = [f"eval_000000_{i:06d}" for i in expected]
+    found = [(p["shard"], p["key"], p["field"], p["reason"]) for p in report["problems"]]
+    assert found == [
+        (shard.name, key, field, reason) for key, (_, field, reason) in zip(keys, expected.values())
+    ]
+    assert report["problem_counts"] == {
+        "bad_id": 4, "nan_dense": 2, "bad_type": 2, "bad_label": 1, "history_too_long": 1, "text_too_long": 1,
+        "missing_field": 1,
+    }  # fmt: skip
+    assert report["rejected"] == {"train": 0, "eval": 12}
+    assert report["counts"]["eval"] == spec.counts["eval"]  # held: the shard holds them all
+    assert (
+        report["dense"]["hour"]["count"] == spec.counts["eval"] + spec.counts["train"] - 12
+    )  # accepted only
+    printed = capsys.readouterr().out
+    assert "12 of 1500 samples would be rejected by the reader" in printed
+    assert (
+        f"! {shard.name} eval_000000_000002 field item_id: bad_id (9223372036854775808 is outside int64)"
+        in printed
+    )
+
+
+def test_binary_records_are_checked_by_the_reader_too(image_dataset: Path, tmp_path: Path) -> None:
+    data = tmp_path / "binary"
+    shutil.copytree(image_dataset, data)
+    spec = read_spec(data)
+    shard = data / spec.shards["train"][1].name
+    layout = binary_record.RecordLayout.of(spec)
+    ((name, payload),) = edited_records(shard, {3: lambda r: r["labels"].update(click=2)}).items()
+    key = name.split(".")[0]
+    rec = binary_record.encode(json.loads(payload), layout)  # the reader takes .rec over .json
+    rewrite_shard(shard, edit={}, extra={f"{key}.rec": rec})
+    report = inspect_dataset(str(data), samples=0, max_text_chars=40)  # the reader's limit, as configured
+    assert (shard.name, key, "labels.click", "bad_label") in {
+        (p["shard"], p["key"], p["field"], p["reason"]) for p in report["problems"]
+    }
+    assert report["problem_counts"]["bad_label"] == 1
+    assert report["problem_counts"]["text_too_long"] > 100  # descriptions are longer than 40 chars
+
+
+def test_a_sample_that_crashes_the_reader_is_a_problem_not_a_crash(
+    image_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainer.dataset_tools import inspect as inspect_module
+
+    def crashes_on_one(raw: Any, *args: Any) -> Any:
+        if raw.key == "train_000000_000007":
+            raise TypeError("unhashable type: 'list'")
+        return parse_sample(raw, *args)
+
+    monkeypatch.setattr(inspect_module, "parse_sample", crashes_on_one)
+    report = inspect_dataset(str(image_dataset), samples=0)
+    assert report["problems"] == [
+        {
+            "shard": "train-000000.tar",
+            "key": "train_000000_000007",
+            "field": "",
+            "reason": "reader_crash",
+            "detail": "TypeError: unhashable type: 'list'",
+        }
+    ]
+    assert report["rejected"]["train"] == 1

@@ -1,8 +1,16 @@
 """`lemur data inspect DIR`: print a dataset's spec and what its shards really hold, and draw a contact sheet.
 
-The shards are streamed once (one sample in memory at a time; only distinct-id sets grow). Only `.json`
-members (json.loads) and jpg/jpeg/png members (PIL) are decoded; nothing is ever unpickled, and any other
-member is only counted. A corrupt member or shard is reported and skipped: this is a diagnostic tool.
+The shards are streamed once (one sample in memory at a time; only distinct-id sets grow) through the reader's own
+stages: `tar_samples` splits them into samples and `parse_sample` checks each record (`.rec` or `.json`), so every
+sample the reader would reject is reported, per shard and key, with the field and the reader's reason (bad types,
+ids outside int64, NaN/inf or past-float32 dense values, labels other than 0/1, histories longer than the spec's
+max_len, text longer than data.max_text_chars, a damaged tar, ...): the two cannot drift apart. Images (jpg, jpeg,
+png members) are decoded by PIL here, all of them, where the reader decodes the first data.images_per_sample; a
+failure is `bad_image` as in the reader. Nothing is ever unpickled, and any other member is only counted.
+
+The statistics (labels, cardinalities, lengths, dense values, images) are measured over the samples the reader
+accepts; `counts` are the samples the shards hold, compared with dataset.json. Problems are counted by reason, and
+the first PROBLEMS_KEPT are kept with where they are. This is a diagnostic tool: it reports and goes on.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from trainer.config.schema import DataConfig
 from trainer.data import record as binary_record
-from trainer.data.decode import BadSample, RawSample, SkipCounter, tar_samples
+from trainer.data.decode import BadSample, Limits, RawSample, SkipCounter, parse_sample, tar_samples
 from trainer.data.spec import ID_FIELDS, IMAGE_EXTS, DatasetSpec, read_spec
 
 HISTORY_BUCKETS: tuple[tuple[str, int, int], ...] = (
@@ -31,7 +40,6 @@ HISTORY_BUCKETS: tuple[tuple[str, int, int], ...] = (
     ("501-1000", 501, 1000),
     (">1000", 1001, sys.maxsize),
 )
-REQUIRED_INTS = ("user_id", "item_id", "timestamp")
 SHEET_ITEMS = 64
 SHEET_COLUMNS = 8
 THUMB = 96
@@ -43,6 +51,9 @@ ABBREVIATE_LIST = 8
 ABBREVIATE_KEEP = 5
 ABBREVIATE_CHARS = 100
 PROBLEMS_SHOWN = 20
+PROBLEMS_KEPT = 1_000
+"""Problems kept with their shard and key (all are counted by reason)."""
+RECORD_EXTS = ("json", binary_record.EXT)
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -66,18 +77,6 @@ def decode_image(payload: bytes) -> Image.Image:
     return image
 
 
-def record_errors(record: Any, spec: DatasetSpec) -> list[str]:
-    """What makes a decoded .json not a valid sample record (spec.py); empty when it is one."""
-    if not isinstance(record, dict):
-        return [f"record is a {type(record).__name__}, not an object"]
-    errors = [f"{name} missing or not an int" for name in REQUIRED_INTS if not is_int(record.get(name))]
-    labels = record.get("labels")
-    if not isinstance(labels, dict):
-        return [*errors, "labels missing"]
-    errors += [f"label {name} missing or not 0/1" for name in spec.labels if labels.get(name) not in (0, 1)]
-    return errors
-
-
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -87,20 +86,43 @@ def is_int(value: Any) -> bool:
 
 @dataclass
 class Problem:
+    """Something the reader would reject (its BadSample's shard, key, field, reason and detail), or a shard
+    missing, unlisted or holding another count than dataset.json says (key and field empty)."""
+
     shard: str
     key: str
-    member: str
-    error: str
+    field: str
+    reason: str
+    detail: str = ""
 
     def __str__(self) -> str:
-        where = " ".join(part for part in (self.shard, self.member or self.key) if part)
-        return f"{where}: {self.error}"
+        where = " ".join(
+            part for part in (self.shard, self.key, self.field and f"field {self.field}") if part
+        )
+        return f"{where}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
+
+
+class ShardProblems(SkipCounter):
+    """What `tar_samples` finds (a damaged tar, an oversized member, ...) recorded as problems: the shard is read
+    under the `skip` policy, so the reading goes on wherever the reader's would."""
+
+    def __init__(self, scan: DatasetScan) -> None:
+        super().__init__(policy="skip")
+        self.scan = scan
+
+    def handle(self, err: BadSample, samples: int = 1) -> None:
+        self.scan.add_problem(Problem(Path(err.shard).name, err.key, err.field, err.reason, err.detail))
 
 
 @dataclass
 class SplitStats:
     shards: int = 0
+    held: int = 0
+    """Samples in the shards (what dataset.json counts)."""
+    rejected: int = 0
+    """Of those, the samples the reader would reject."""
     samples: int = 0
+    """Of those, the samples the reader accepts: what the statistics measure."""
     label_sums: Counter[str] = field(default_factory=Counter)
     label_counts: Counter[str] = field(default_factory=Counter)
     members: Counter[str] = field(default_factory=Counter)
@@ -132,19 +154,17 @@ class LengthStats:
 
 @dataclass
 class DenseStats:
+    """Over accepted samples, whose dense values are numbers finite as float32 (the others are problems)."""
+
     count: int = 0
     missing: int = 0
     total: float = 0.0
     low: float = math.inf
     high: float = -math.inf
-    not_finite: int = 0
 
     def add(self, value: Any) -> None:
         if value is None:
             self.missing += 1
-            return
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            self.not_finite += 1
             return
         self.count += 1
         self.total += value
@@ -155,7 +175,6 @@ class DenseStats:
         return {
             "count": self.count,
             "missing": self.missing,
-            "not_finite": self.not_finite,
             "mean": round(self.total / self.count, 5) if seen else None,
             "min": self.low if seen else None,
             "max": self.high if seen else None,
@@ -183,9 +202,11 @@ class SheetTile:
 class DatasetScan:
     """Accumulates everything measured over the streamed samples of all shards."""
 
-    def __init__(self, spec: DatasetSpec, samples_to_show: int) -> None:
+    def __init__(self, spec: DatasetSpec, samples_to_show: int, max_text_chars: int) -> None:
         self.spec = spec
         self.samples_to_show = samples_to_show
+        # Images are checked here, not by parse_sample (it is given the record members only).
+        self.limits = Limits(max_text_chars, DataConfig.image_size, images_per_sample=0)
         self.splits: dict[str, SplitStats] = {}
         self.sparse_values: dict[str, set[int]] = {name: set() for name in spec.sparse}
         self.sparse_empty: Counter[str] = Counter()
@@ -193,7 +214,6 @@ class DatasetScan:
             name: Counter({bucket: 0 for bucket, _, _ in HISTORY_BUCKETS}) for name in spec.history
         }
         self.history_lengths = {name: LengthStats() for name in spec.history}
-        self.history_too_long: Counter[str] = Counter()
         self.text = {name: LengthStats() for name in self.text_fields}
         self.dense = {name: DenseStats() for name in spec.dense}
         self.image_sizes: Counter[str] = Counter()
@@ -202,45 +222,46 @@ class DatasetScan:
         self.shown: list[ShownSample] = []
         self.tiles: dict[int | None, SheetTile] = {}
         self.problems: list[Problem] = []
+        """The first PROBLEMS_KEPT."""
+        self.reasons: Counter[str] = Counter()
+        """Every problem, by reason."""
 
     @property
     def text_fields(self) -> list[str]:
         return list(self.spec.text) + (["query"] if self.spec.query_text else [])
 
+    def add_problem(self, problem: Problem) -> None:
+        self.reasons[problem.reason] += 1
+        if len(self.problems) < PROBLEMS_KEPT:
+            self.problems.append(problem)
+
     def scan_shard(self, split: str, path: Path) -> int:
         """Add a shard's samples to its split; returns how many samples it held."""
         stats = self.splits.setdefault(split, SplitStats())
         stats.shards += 1
-        before = stats.samples
-        try:
-            for raw in tar_samples(str(path), SkipCounter(policy="error")):
-                self.add_sample(stats, path.name, raw)
-        except BadSample as err:  # the reader's own tar stage: a corrupt or cut-short tar stops the shard
-            self.problems.append(
-                Problem(path.name, "", "", f"unreadable tar ({err.detail}); rest of shard skipped")
-            )
-        return stats.samples - before
+        before = stats.held
+        for raw in tar_samples(str(path), ShardProblems(self)):
+            self.add_sample(stats, path.name, raw)
+        return stats.held - before
 
     def add_sample(self, stats: SplitStats, shard: str, raw: RawSample) -> None:
-        record = None
+        """Check a sample as the reader would; measure it if the reader accepts it."""
+        stats.held += 1
+        problems_before = self.reasons.total()
+        record = self.parse_record(shard, raw)
         images: list[str] = []
         other: list[str] = []
         for ext, payload in sorted(raw.members.items()):
             kind = member_kind(ext)
             stats.members[kind] += 1
-            if kind == "json":
-                record = self.decode_record(shard, raw.key, payload)
-            elif kind == binary_record.EXT:
-                record = self.decode_binary(shard, raw.key, payload)
-            elif kind == "image":
+            if kind == "image":
                 size = self.decode_image_member(shard, raw.key, ext, payload)
                 images.append(f"{ext} {size}" if size else f"{ext} (corrupt)")
-            else:
+            elif kind == "other":
                 other.append(ext)
                 self.other_exts[ext] += 1
-        if "json" not in raw.members and binary_record.EXT not in raw.members:
-            self.problems.append(Problem(shard, raw.key, "", "no .json or .rec member"))
-        if record is None:
+        if record is None or self.reasons.total() > problems_before:  # a bad record or a bad image
+            stats.rejected += 1
             return
         self.add_record(stats, record)
         self.images_per_sample[len(images)] += 1
@@ -248,37 +269,29 @@ class DatasetScan:
         if len(self.shown) < self.samples_to_show:
             self.shown.append(ShownSample(shard, raw.key, record, images, other))
 
-    def decode_record(self, shard: str, key: str, payload: bytes) -> dict[str, Any] | None:
+    def parse_record(self, shard: str, raw: RawSample) -> dict[str, Any] | None:
+        """The sample's record in the JSON shape (spec.py) if the reader's parse_sample accepts it, else None (and
+        the reader's BadSample is a problem)."""
+        members = {ext: payload for ext, payload in raw.members.items() if ext in RECORD_EXTS}
         try:
-            record = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            self.problems.append(Problem(shard, key, f"{key}.json", f"bad JSON ({err})"))
-            return None
-        errors = record_errors(record, self.spec)
-        if errors:
-            self.problems.append(Problem(shard, key, f"{key}.json", "invalid record: " + "; ".join(errors)))
-        return record if isinstance(record, dict) else None
-
-    def decode_binary(self, shard: str, key: str, payload: bytes) -> dict[str, Any] | None:
-        layout = binary_record.RecordLayout.of(self.spec)
-        try:
-            sample = binary_record.decode(
-                payload,
-                layout,
-                self.spec.history,
-                2**31 - 1,
-                lambda f, r, d="": BadSample(shard, key, f, r, d),
-            )
+            sample = parse_sample(RawSample(shard, raw.key, members), self.spec, self.limits)
         except BadSample as err:
-            self.problems.append(Problem(shard, key, f"{key}.{binary_record.EXT}", f"invalid record: {err}"))
+            self.add_problem(Problem(shard, raw.key, err.field, err.reason, err.detail))
             return None
-        return binary_record.as_json_record(sample, layout)
+        except Exception as err:  # noqa: BLE001 (a sample that crashes the reader is the worst problem of all)
+            self.add_problem(
+                Problem(shard, raw.key, "", "reader_crash", f"{type(err).__name__}: {err}"[:200])
+            )
+            return None
+        if binary_record.EXT in members:
+            return binary_record.as_json_record(sample, binary_record.RecordLayout.of(self.spec))
+        return json.loads(members["json"])  # parse_sample has checked it
 
     def decode_image_member(self, shard: str, key: str, ext: str, payload: bytes) -> str | None:
         try:
             image = decode_image(payload)
         except Exception as err:  # noqa: BLE001 (PIL raises many kinds on bad bytes)
-            self.problems.append(Problem(shard, key, f"{key}.{ext}", f"bad image ({err})"))
+            self.add_problem(Problem(shard, key, ext, "bad_image", str(err)))
             return None
         size = f"{image.width}x{image.height}"
         self.image_sizes[size] += 1
@@ -304,17 +317,17 @@ class DatasetScan:
 
     def add_sparse(self, sparse: dict[str, Any]) -> None:
         for name, values in self.sparse_values.items():
-            ids = [v for v in as_list(sparse.get(name)) if is_int(v)]
+            value = sparse.get(name, [])
+            ids = [v for v in (value if isinstance(value, list) else [value]) if is_int(v)]
             if not ids:
                 self.sparse_empty[name] += 1
             values.update(ids)
 
     def add_history(self, history: dict[str, Any]) -> None:
-        for name, max_len in self.spec.history.items():
+        for name in self.spec.history:
             length = len(as_list(history.get(name)))
             self.history[name][history_bucket(length)] += 1
             self.history_lengths[name].add(length)
-            self.history_too_long[name] += length > max_len
 
     def add_text(self, record: dict[str, Any]) -> None:
         text = as_dict(record.get("text"))
@@ -354,9 +367,11 @@ def history_bucket(length: int) -> str:
     return next(name for name, low, high in HISTORY_BUCKETS if low <= length <= high)
 
 
-def scan_dataset(root: Path, spec: DatasetSpec, samples_to_show: int) -> DatasetScan:
+def scan_dataset(
+    root: Path, spec: DatasetSpec, samples_to_show: int, max_text_chars: int = DataConfig.max_text_chars
+) -> DatasetScan:
     """Stream every shard listed in dataset.json, in order; note missing, short and unlisted shards."""
-    scan = DatasetScan(spec, samples_to_show)
+    scan = DatasetScan(spec, samples_to_show, max_text_chars)
     listed = set()
     for split, shards in spec.shards.items():
         scan.splits.setdefault(split, SplitStats())
@@ -364,15 +379,15 @@ def scan_dataset(root: Path, spec: DatasetSpec, samples_to_show: int) -> Dataset
             listed.add(shard.name)
             path = root / shard.name
             if not path.is_file():
-                scan.problems.append(Problem(shard.name, "", "", "listed in dataset.json but missing"))
+                scan.add_problem(Problem(shard.name, "", "", "missing_shard", "listed in dataset.json"))
                 continue
-            read = scan.scan_shard(split, path)
-            if read != shard.samples:
-                error = f"{read} valid samples read, dataset.json lists {shard.samples}"
-                scan.problems.append(Problem(shard.name, "", "", error))
+            held = scan.scan_shard(split, path)
+            if held != shard.samples:
+                detail = f"{held} samples read, dataset.json lists {shard.samples}"
+                scan.add_problem(Problem(shard.name, "", "", "count_mismatch", detail))
     for path in sorted(root.glob("*.tar")):
         if path.name not in listed:
-            scan.problems.append(Problem(path.name, "", "", "not listed in dataset.json; not scanned"))
+            scan.add_problem(Problem(path.name, "", "", "unlisted_shard", "not in dataset.json; not scanned"))
     return scan
 
 
@@ -391,7 +406,7 @@ def parquet_tiles(items_path: Path, scan: DatasetScan) -> list[SheetTile]:
     try:
         parquet = pq.ParquetFile(items_path)
     except Exception as err:  # noqa: BLE001 (pyarrow raises several kinds on a bad file)
-        scan.problems.append(Problem(items_path.name, "", "", f"unreadable parquet ({err})"))
+        scan.add_problem(Problem(items_path.name, "", "", "unreadable_parquet", str(err)))
         return []
     names = parquet.schema_arrow.names
     if "images" not in names:
@@ -438,7 +453,7 @@ def draw_contact_sheet(tiles: list[SheetTile], title: str, out: Path, scan: Data
         try:
             thumb = fit_thumbnail(decode_image(tile.image))
         except Exception as err:  # noqa: BLE001 (PIL raises many kinds on bad bytes)
-            scan.problems.append(Problem("contact sheet", str(tile.item_id), "image", f"bad image ({err})"))
+            scan.add_problem(Problem("contact sheet", f"item {tile.item_id}", "image", "bad_image", str(err)))
             draw.rectangle((x, y, x + THUMB - 1, y + THUMB - 1), outline="red")
         else:
             sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
@@ -505,8 +520,9 @@ def print_splits(spec: DatasetSpec, scan: DatasetScan) -> None:
     rows = []
     for split, stats in scan.splits.items():
         listed = len(spec.shards.get(split, []))
-        rows.append([split, listed, stats.shards, spec.counts.get(split), stats.samples, stats.cold])
-    headers = ["split", "shards", "read", "samples (spec)", "samples (measured)", "cold"]
+        counts = [spec.counts.get(split), stats.held, stats.rejected, stats.cold]
+        rows.append([split, listed, stats.shards, *counts])
+    headers = ["split", "shards", "read", "samples (spec)", "samples (measured)", "rejected", "cold"]
     print(format_table(headers, rows))
     other = {k: v for k, v in spec.counts.items() if k not in scan.splits}
     if "eval" in scan.splits and "train" in scan.splits:
@@ -565,8 +581,6 @@ def print_history(scan: DatasetScan) -> None:
         print(f"  {name} (max_len {max_len}; mean {lengths['mean']}, max {lengths['max']})")
         label_width = max(len(bucket) for bucket, _, _ in HISTORY_BUCKETS)
         print(bar_chart(buckets_up_to(buckets, max(max_len, int(lengths["max"]))), label_width))
-        if scan.history_too_long[name]:
-            print(f"    ! {scan.history_too_long[name]} samples longer than max_len")
 
 
 def buckets_up_to(buckets: Counter[str], longest: int) -> Counter[str]:
@@ -598,7 +612,7 @@ def print_text(scan: DatasetScan) -> None:
 def print_dense(scan: DatasetScan) -> None:
     heading("dense features")
     rows = [[name, *stats.as_dict().values()] for name, stats in scan.dense.items()]
-    headers = ["feature", "present", "missing", "not finite", "mean", "min", "max"]
+    headers = ["feature", "present", "missing", "mean", "min", "max"]
     print(format_table(headers, rows) if rows else "  no dense features")
 
 
@@ -658,14 +672,21 @@ def print_samples(scan: DatasetScan) -> None:
         print("\n".join("  " + line for line in pretty_json(abbreviate(sample.record)).splitlines()))
 
 
-def print_problems(problems: list[Problem]) -> None:
-    heading(f"problems ({len(problems)})")
-    if not problems:
+def print_problems(scan: DatasetScan) -> None:
+    """The count by reason, then the first few problems with where they are."""
+    total = scan.reasons.total()
+    heading(f"problems ({total})")
+    if not total:
         print("  none")
-    for problem in problems[:PROBLEMS_SHOWN]:
+        return
+    rejected = sum(stats.rejected for stats in scan.splits.values())
+    held = sum(stats.held for stats in scan.splits.values())
+    print(f"  {rejected} of {held} samples would be rejected by the reader")
+    print(format_table(["reason", "count"], [[r, n] for r, n in scan.reasons.most_common()]))
+    for problem in scan.problems[:PROBLEMS_SHOWN]:
         print(f"  ! {problem}")
-    if len(problems) > PROBLEMS_SHOWN:
-        print(f"  ... and {len(problems) - PROBLEMS_SHOWN} more")
+    if total > PROBLEMS_SHOWN:
+        print(f"  ... and {total - PROBLEMS_SHOWN} more")
 
 
 # ---------------------------------------------------------------------------------------------------- entry point
@@ -688,7 +709,8 @@ def report(spec: DatasetSpec, scan: DatasetScan, sheet: Path | None) -> dict[str
     first_label = spec.labels[0] if spec.labels else None
     return {
         "scenario": spec.scenario,
-        "counts": {split: stats.samples for split, stats in scan.splits.items()},
+        "counts": {split: stats.held for split, stats in scan.splits.items()},
+        "rejected": {split: stats.rejected for split, stats in scan.splits.items()},
         "shards": {split: stats.shards for split, stats in scan.splits.items()},
         "label_rate": {split: stats.label_rate(first_label) for split, stats in scan.splits.items()},
         "label_rates": {
@@ -704,19 +726,23 @@ def report(spec: DatasetSpec, scan: DatasetScan, sheet: Path | None) -> dict[str
         "dense": {name: stats.as_dict() for name, stats in scan.dense.items()},
         "image_sizes": dict(scan.image_sizes),
         "problems": [vars(problem) for problem in scan.problems],
+        "problem_counts": dict(scan.reasons),
         "sheet": str(sheet) if sheet else None,
     }
 
 
-def inspect_dataset(path: str, samples: int = 3, sheet: str | None = None) -> dict[str, Any]:
-    """Print a dataset directory's spec and measured contents; write a contact sheet; return the numbers."""
+def inspect_dataset(
+    path: str, samples: int = 3, sheet: str | None = None, max_text_chars: int = DataConfig.max_text_chars
+) -> dict[str, Any]:
+    """Print a dataset directory's spec and measured contents; write a contact sheet; return the numbers.
+    `max_text_chars`: the reader's limit on a text field (data.max_text_chars), for the problems it would reject."""
     root = Path(path)
     spec = read_spec(root)
     print(f"dataset {root.resolve()}")
     if spec.created_by:
         print(f"  created by: {abbreviate(spec.created_by)}")
     print_spec(spec)
-    scan = scan_dataset(root, spec, samples)
+    scan = scan_dataset(root, spec, samples, max_text_chars)
     print_splits(spec, scan)
     print_labels(spec, scan)
     print_cardinalities(spec, scan)
@@ -726,5 +752,5 @@ def inspect_dataset(path: str, samples: int = 3, sheet: str | None = None) -> di
     print_images(spec, scan)
     print_samples(scan)
     sheet_path = write_sheet(root, spec, scan, sheet)
-    print_problems(scan.problems)
+    print_problems(scan)
     return report(spec, scan, sheet_path)

@@ -26,21 +26,34 @@ Items table, one row per item:
   text_<field>            string                                 optional item text; null = absent
   image                   binary or list<binary>                 JPEG or PNG bytes (first = cover image)
   image_path              string or list<string>                 .jpg/.jpeg/.png files, absolute or relative to
-                                                                 the directory of the items file
+                                                                 the directory of the items file (symlinks are
+                                                                 followed; the target must be a JPEG or PNG file)
   anything else           ignored, with a warning
 
 Every interaction's item_id must be in the items table: the item's text and images are joined into its sample.
+An image (an `image` value or an `image_path` file) may hold at most max_image_bytes (MAX_IMAGE_BYTES, 32 MiB):
+a file's size is checked with stat before it is read, and images are read one item at a time when written.
 Split by time: eval = timestamp >= eval_from, or else the last eval_share of the samples (rounded to a timestamp
 boundary: samples sharing the boundary's timestamp all go to eval). Eval samples carry cold = 1 when their item
 is never a train target. Bad input raises DataImportError naming the file, the column and the row (0-based,
-within that file). Everything is written to a hidden sibling of the output directory and renamed onto it only
-when complete, so a failed import leaves no partial dataset and an existing one untouched.
+within that file); a file that is not Parquet names the file.
+
+Output: everything is written to a hidden sibling, `.<out>.partial`, removed on every way out (an exception,
+Ctrl-C, SIGTERM) and renamed onto `out` only when complete, so a failed import leaves no partial dataset and an
+existing one untouched. Replacing a dataset takes two renames (out -> `.<out>.old`, partial -> out); a process
+killed outright (SIGKILL, the OOM killer) cleans nothing, so the next import into the same `out` first repairs what
+it left: a `.<out>.old` with no `out` beside it (killed between the renames) is renamed back to `out`, the dataset
+as it was before; a `.<out>.old` beside `out` (killed after them) is removed, and so is a `.<out>.partial`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import stat
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -54,6 +67,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from trainer.data.record import FLOAT32_MAX
 from trainer.data.spec import INT64_MAX, DatasetSpec, ShardInfo, write_spec
 from trainer.data.tokenizer import train_tokenizer
 from trainer.dataset_tools.shard_writer import ShardWriter, encode_record, shard_name
@@ -64,6 +78,11 @@ OPTIONAL_IDS = ("query_id", "session_id", "request_id")
 PREFIXES = ("label_", "sparse_", "dense_", "history_")
 BATCH_ROWS = {"interactions": 65_536, "items": 1_024}
 ITEMS_CHUNK = 1_000
+"""Most items per row group of the output items.parquet."""
+ITEMS_CHUNK_BYTES = 64 * 2**20
+"""A row group of the output items.parquet is written once its images reach this many bytes."""
+MAX_IMAGE_BYTES = 32 * 2**20
+"""The default cap on one image's size (`import_parquet(max_image_bytes=...)`)."""
 JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
 PATH_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 
@@ -101,19 +120,32 @@ def parquet_files(path: str | os.PathLike, table: str) -> list[Path]:
     return files
 
 
+def _read_schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataImportError(f"{path}: not a readable Parquet file ({err})") from err
+
+
 def _batches(path: Path, table: str) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """(row offset within the file, batch)."""
+    """(row offset within the file, batch). A file that cannot be read is a DataImportError naming it."""
     row0 = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS[table]):
-        yield row0, batch
-        row0 += batch.num_rows
+    try:
+        with pq.ParquetFile(path) as parquet:
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS[table]):
+                yield row0, batch
+                row0 += batch.num_rows
+    except (pa.ArrowException, OSError) as err:
+        raise DataImportError(
+            f"{_where(path, row=row0)}: cannot read this Parquet file from here ({err})"
+        ) from err
 
 
 def _common_layout(files: list[Path], layout_of: Callable[[pa.Schema, Path], Any]) -> Any:
     """The layout every file shares (each file's columns are classified and type-checked once)."""
-    layout = layout_of(pq.read_schema(files[0]), files[0])
+    layout = layout_of(_read_schema(files[0]), files[0])
     for source in files[1:]:
-        if layout_of(pq.read_schema(source), source) != layout:
+        if layout_of(_read_schema(source), source) != layout:
             raise DataImportError(f"{source}: its columns differ from those of {files[0]}")
     return layout
 
@@ -165,13 +197,17 @@ def _no_nulls(arr: pa.Array, source: Path, column: str, row0: int) -> None:
         raise DataImportError(f"{_where(source, column, row0 + row)}: null in a required column")
 
 
+def _first_past_int64(arr: pa.Array) -> int | None:
+    """The first value past int64 (only uint64 has any; comparing with a plain INT64_MAX would cast arr to int64)."""
+    if arr.type != pa.uint64():
+        return None
+    return _first(pc.greater(arr, pa.scalar(INT64_MAX, pa.uint64())))
+
+
 def _to_int64(arr: pa.Array, source: Path, column: str, row0: int) -> pa.Array:
-    if pa.types.is_unsigned_integer(arr.type):
-        row = _first(pc.greater(arr, INT64_MAX))
-        if row is not None:
-            raise DataImportError(
-                f"{_where(source, column, row0 + row)}: {arr[row]} is beyond the int64 range"
-            )
+    row = _first_past_int64(arr)
+    if row is not None:
+        raise DataImportError(f"{_where(source, column, row0 + row)}: {arr[row]} is beyond the int64 range")
     return arr.cast(pa.int64())
 
 
@@ -180,11 +216,10 @@ def _to_int64_list(arr: pa.Array, source: Path, column: str, row0: int) -> pa.Ar
     k = _first(pc.is_null(flat))
     if k is not None:
         raise DataImportError(f"{_where(source, column, row0 + parents[k].as_py())}: null inside the list")
-    if pa.types.is_unsigned_integer(flat.type):
-        k = _first(pc.greater(flat, INT64_MAX))
-        if k is not None:
-            row = row0 + parents[k].as_py()
-            raise DataImportError(f"{_where(source, column, row)}: {flat[k]} is beyond the int64 range")
+    k = _first_past_int64(flat)
+    if k is not None:
+        row = row0 + parents[k].as_py()
+        raise DataImportError(f"{_where(source, column, row)}: {flat[k]} is beyond the int64 range")
     return arr.cast(pa.list_(pa.int64()))
 
 
@@ -206,10 +241,14 @@ def _to_label(arr: pa.Array, source: Path, column: str, row0: int) -> pa.Array:
 
 
 def _to_dense(arr: pa.Array, source: Path, column: str, row0: int) -> pa.Array:
+    """Float64 values whose float32 (what a batch holds) is finite: the reader rejects the rest."""
     values = arr.cast(pa.float64())
-    row = _first(pc.invert(pc.is_finite(values)))
+    bad = pc.or_(pc.invert(pc.is_finite(values)), pc.greater(pc.abs(values), FLOAT32_MAX))
+    row = _first(bad)
     if row is not None:
-        raise DataImportError(f"{_where(source, column, row0 + row)}: {values[row]} (NaN/inf is not allowed)")
+        raise DataImportError(
+            f"{_where(source, column, row0 + row)}: {values[row]} (NaN/inf, or not finite as float32, is not allowed)"
+        )
     return values
 
 
@@ -392,6 +431,7 @@ class ItemCatalog:
     """"bytes", "path" or None (no images)."""
     index: dict[int, int]
     source: str
+    max_image_bytes: int = MAX_IMAGE_BYTES
 
     @cached_property
     def ids(self) -> pa.Array:
@@ -399,6 +439,26 @@ class ItemCatalog:
 
     def rows(self, item_ids: list[int]) -> pa.Array:
         return pa.array([self.index[i] for i in item_ids], type=pa.int64())
+
+    @cached_property
+    def _image_chunks(self) -> tuple[np.ndarray, list[pa.Array]]:
+        column = self.table["images"]
+        return np.cumsum([0] + [len(c) for c in column.chunks]), column.chunks
+
+    def images(self, row: int) -> list[Any]:
+        """One item's images (bytes or paths), without copying any other item's."""
+        starts, chunks = self._image_chunks
+        k = int(np.searchsorted(starts, row, side="right")) - 1
+        return chunks[k][row - starts[k]].as_py() or []
+
+    def image_payloads(self, row: int) -> dict[str, bytes]:
+        """Shard members for an item's images: jpg (or png) for the first, 1.jpg, 2.jpg, ... for the rest."""
+        members = {}
+        for k, image in enumerate(i for i in self.images(row) if i is not None):
+            payload = _read_image(image, self.max_image_bytes) if self.image_kind == "path" else image
+            ext = _image_format(payload[: len(PNG_MAGIC)]) or "jpg"
+            members[ext if k == 0 else f"{k}.{ext}"] = payload
+        return members
 
 
 @dataclass(frozen=True)
@@ -459,17 +519,48 @@ def _image_format(head: bytes) -> str | None:
     return None
 
 
-def _check_image_bytes(images: pa.Array, source: Path, row0: int) -> None:
-    heads = pc.binary_slice(pc.list_flatten(images), 0, len(PNG_MAGIC)).to_pylist()
-    parents = pc.list_parent_indices(images)
+def _check_image_bytes(images: pa.Array, source: Path, row0: int, max_bytes: int) -> None:
+    flat, parents = pc.list_flatten(images), pc.list_parent_indices(images)
+    sizes = pc.binary_length(flat)
+    k = _first(pc.greater(sizes, max_bytes))
+    if k is not None:
+        row = row0 + parents[k].as_py()
+        raise DataImportError(f"{_where(source, 'image', row)}: {_too_big(sizes[k].as_py(), max_bytes)}")
+    heads = pc.binary_slice(flat, 0, len(PNG_MAGIC)).to_pylist()
     for k, head in enumerate(heads):
         if head is not None and _image_format(head) is None:
             row = row0 + parents[k].as_py()
             raise DataImportError(f"{_where(source, 'image', row)}: not a JPEG or PNG image")
 
 
-def _resolve_image_paths(images: pa.Array, source: Path, row0: int) -> pa.Array:
-    """Absolute paths (relative ones are taken from the items file's directory), each checked to exist."""
+def _too_big(size: int, max_bytes: int) -> str:
+    return f"{size:,} bytes, over the {max_bytes:,}-byte cap on one image (max_image_bytes)"
+
+
+def _check_image_file(path: Path, max_bytes: int) -> str | None:
+    """Why `path` (symlinks followed) is not an image the import takes, or None. Its size is checked with stat
+    before anything is read; then only its first bytes are (the format)."""
+    shown = f"{path} -> {path.resolve()}" if path.is_symlink() else str(path)
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            return f"{shown} is not a regular file"
+        if info.st_size > max_bytes:
+            return f"{shown}: {_too_big(info.st_size, max_bytes)}"
+        with path.open("rb") as f:
+            head = f.read(len(PNG_MAGIC))
+    except FileNotFoundError:
+        return f"no such file {shown}"
+    except OSError as err:
+        return f"{shown}: {err}"
+    if _image_format(head) is None:
+        return f"{shown} is not a JPEG or PNG file"
+    return None
+
+
+def _resolve_image_paths(images: pa.Array, source: Path, row0: int, max_bytes: int) -> pa.Array:
+    """Absolute paths (relative ones are taken from the items file's directory; symlinks resolved), each checked
+    to be a JPEG or PNG file within the size cap."""
     resolved = []
     for r, paths in enumerate(images.to_pylist()):
         row = []
@@ -479,22 +570,45 @@ def _resolve_image_paths(images: pa.Array, source: Path, row0: int) -> pa.Array:
             path = Path(p) if Path(p).is_absolute() else source.parent / p
             if path.suffix.lower() not in PATH_EXTS:
                 raise DataImportError(f"{_where(source, 'image_path', row0 + r)}: {p} is not .jpg/.jpeg/.png")
-            if not path.is_file():
-                raise DataImportError(f"{_where(source, 'image_path', row0 + r)}: no such file {path}")
+            problem = _check_image_file(path, max_bytes)
+            if problem is not None:
+                raise DataImportError(f"{_where(source, 'image_path', row0 + r)}: {problem}")
             row.append(str(path.resolve()))
         resolved.append(row)
     return pa.array(resolved, type=pa.list_(pa.string()))
 
 
-def _normalize_items(batch: pa.RecordBatch, layout: ItemLayout, source: Path, row0: int) -> list[pa.Array]:
+def _read_image(path: str, max_bytes: int) -> bytes:
+    """An image file checked when the items were loaded, read again within the cap (it may have changed since)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise DataImportError(f"image_path {path}: {_too_big(size, max_bytes)}")
+            payload = f.read(max_bytes + 1)
+    except OSError as err:
+        raise DataImportError(f"image_path {path}: {err}") from err
+    if len(payload) > max_bytes:
+        raise DataImportError(
+            f"image_path {path}: grew past the cap while read: {_too_big(len(payload), max_bytes)}"
+        )
+    if _image_format(payload[: len(PNG_MAGIC)]) is None:
+        raise DataImportError(f"image_path {path}: no longer a JPEG or PNG file")
+    return payload
+
+
+def _normalize_items(
+    batch: pa.RecordBatch, layout: ItemLayout, source: Path, row0: int, max_image_bytes: int
+) -> list[pa.Array]:
     _no_nulls(batch["item_id"], source, "item_id", row0)
     cols = [_to_int64(batch["item_id"], source, "item_id", row0)]
     cols += [_to_string(batch[col]) for col in layout.text]
     if layout.image == "image":
         images = _as_lists(batch["image"], pa.large_binary())
-        _check_image_bytes(images, source, row0)
+        _check_image_bytes(images, source, row0, max_image_bytes)
     elif layout.image == "image_path":
-        images = _resolve_image_paths(_as_lists(batch["image_path"], pa.string()), source, row0)
+        paths = _as_lists(batch["image_path"], pa.string())
+        images = _resolve_image_paths(paths, source, row0, max_image_bytes)
     else:
         images = pa.array([[]] * batch.num_rows, type=pa.list_(pa.string()))
     return [*cols, images]
@@ -508,14 +622,14 @@ def _index_items(ids: pa.Array, index: dict[int, int], source: Path, row0: int) 
         index[item] = base + k
 
 
-def load_items(path: str | os.PathLike) -> ItemCatalog:
+def load_items(path: str | os.PathLike, max_image_bytes: int = MAX_IMAGE_BYTES) -> ItemCatalog:
     files = parquet_files(path, "items")
     layout: ItemLayout = _common_layout(files, item_layout)
     schema = layout.schema()
     batches, index = [], {}
     for source in files:
         for row0, batch in _batches(source, "items"):
-            arrays = _normalize_items(batch, layout, source, row0)
+            arrays = _normalize_items(batch, layout, source, row0, max_image_bytes)
             _index_items(arrays[0], index, source, row0)
             batches.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
     table = pa.Table.from_batches(batches, schema=schema)
@@ -523,24 +637,7 @@ def load_items(path: str | os.PathLike) -> ItemCatalog:
         raise DataImportError(f"{path}: the items table has no rows")
     kind = {"image": "bytes", "image_path": "path"}.get(layout.image or "")
     text = [col[len("text_") :] for col in layout.text]
-    return ItemCatalog(table, text, kind, index, str(path))
-
-
-def _image_members(images: list[Any], kind: str | None) -> dict[str, bytes]:
-    """Shard members for an item's images: jpg (or png) for the first, 1.jpg, 2.jpg, ... for the rest."""
-    members = {}
-    for k, image in enumerate(i for i in images if i is not None):
-        if kind == "path":
-            ext = PATH_EXTS[Path(image).suffix.lower()]
-            try:
-                payload = Path(image).read_bytes()
-            except OSError as err:
-                raise DataImportError(f"image_path {image}: {err}") from err
-        else:
-            payload = image
-            ext = _image_format(payload[: len(PNG_MAGIC)]) or "jpg"
-        members[ext if k == 0 else f"{k}.{ext}"] = payload
-    return members
+    return ItemCatalog(table, text, kind, index, str(path), max_image_bytes)
 
 
 # --------------------------------------------------------------------------------------------- split
@@ -623,19 +720,21 @@ def write_split(
     """Shards of `rows` (already in time order); `cold` flags each row for eval."""
     result = SplitResult()
     main_label = layout.labels[0][1]
+    # item_id too: a table of no columns has no rows, so take() on the text columns alone would drop every sample
+    item_columns = ["item_id", *(f"text_{f}" for f in catalog.text)]
     for index, lo in enumerate(range(0, len(rows), samples_per_shard)):
         chunk = table.take(pa.array(rows[lo : lo + samples_per_shard]))
-        items = catalog.table.take(catalog.rows(chunk["item_id"].to_pylist())).to_pylist()
+        item_rows = catalog.rows(chunk["item_id"].to_pylist())
+        # The items' text for the whole shard; their images one sample at a time (never a shard's worth at once).
+        items = catalog.table.select(item_columns).take(item_rows).to_pylist()
         name = shard_name(split, index)
         with ShardWriter(out / name) as writer:
-            for i, (row, item) in enumerate(zip(chunk.to_pylist(), items)):
+            samples = zip(chunk.to_pylist(), items, item_rows.to_pylist())
+            for i, (row, item, item_row) in enumerate(samples):
                 record = _record(row, item, layout, catalog.text)
                 if cold is not None:
                     record["cold"] = int(cold[lo + i])
-                members = {
-                    "json": encode_record(record),
-                    **_image_members(item["images"], catalog.image_kind),
-                }
+                members = {"json": encode_record(record), **catalog.image_payloads(item_row)}
                 writer.write(f"{split}_{index:06d}_{i:06d}", members)
         result.shards.append(ShardInfo(name, chunk.num_rows))
         result.samples += chunk.num_rows
@@ -643,8 +742,19 @@ def write_split(
     return result
 
 
-def _image_bytes(images: list[Any], kind: str | None) -> list[bytes]:
-    return list(_image_members(images, kind).values())
+def _item_chunks(catalog: ItemCatalog) -> Iterator[tuple[int, list[list[bytes]]]]:
+    """(first row, each item's image bytes) for runs of at most ITEMS_CHUNK items whose images are read one item
+    at a time and end the run once they reach ITEMS_CHUNK_BYTES: memory is bounded by the budget plus one item."""
+    lo, images, held = 0, [], 0
+    for row in range(catalog.table.num_rows):
+        payloads = list(catalog.image_payloads(row).values())
+        images.append(payloads)
+        held += sum(len(p) for p in payloads)
+        if len(images) == ITEMS_CHUNK or held >= ITEMS_CHUNK_BYTES:
+            yield lo, images
+            lo, images, held = row + 1, [], 0
+    if images:
+        yield lo, images
 
 
 def write_items(catalog: ItemCatalog, train_items: np.ndarray, path: Path) -> None:
@@ -656,15 +766,13 @@ def write_items(catalog: ItemCatalog, train_items: np.ndarray, path: Path) -> No
     )
     tmp = path.with_name(f".{path.name}.partial")
     with pq.ParquetWriter(tmp, schema) as writer:
-        for lo in range(0, catalog.table.num_rows, ITEMS_CHUNK):
-            chunk = catalog.table.slice(lo, ITEMS_CHUNK)
+        for lo, images in _item_chunks(catalog):
+            chunk = catalog.table.slice(lo, len(images))
             ids = chunk["item_id"].to_numpy()
             columns = {
                 "item_id": ids,
                 **{f: chunk[f"text_{f}"] for f in catalog.text},
-                "images": [
-                    _image_bytes(images, catalog.image_kind) for images in chunk["images"].to_pylist()
-                ],
+                "images": images,
                 "cold_start": ~np.isin(ids, train_items),
             }
             writer.write_table(pa.table(columns, schema=schema))
@@ -763,8 +871,36 @@ def _check_out(out: Path, force: bool) -> None:
         raise FileExistsError(f"{out} holds something that is not a lemur dataset; refusing to replace it")
 
 
+def _partial(out: Path) -> Path:
+    return out.with_name(f".{out.name}.partial")
+
+
+def _old(out: Path) -> Path:
+    return out.with_name(f".{out.name}.old")
+
+
+def _repair_interrupted(out: Path) -> None:
+    """Undo what an import killed outright (SIGKILL, the OOM killer) left: a `.old` with no dataset at `out`
+    (killed between _publish's two renames) is the previous dataset, renamed back; a `.old` beside a dataset
+    (killed after them) is the replaced one, removed; a `.partial` is removed."""
+    old = _old(out)
+    if old.is_dir():
+        if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+            if out.exists():
+                out.rmdir()
+            old.rename(out)
+            warnings.warn(
+                f"{old}: an interrupted import left the previous dataset here; restored it to {out}",
+                stacklevel=3,
+            )
+        else:
+            shutil.rmtree(old)
+            warnings.warn(f"{old}: removed the dataset an interrupted import had replaced", stacklevel=3)
+    shutil.rmtree(_partial(out), ignore_errors=True)
+
+
 def _staging_dir(out: Path) -> Path:
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = _partial(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -775,23 +911,49 @@ def _publish(tmp: Path, out: Path) -> None:
     if not out.exists():
         tmp.rename(out)
         return
-    old = out.with_name(f".{out.name}.old")
+    old = _old(out)
     shutil.rmtree(old, ignore_errors=True)
     out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (kill, scancel) raises SystemExit while this is open, so `finally` clauses clean up as they do for
+    an exception or Ctrl-C. Only in the main thread, and only over the default handler (never over a caller's)."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def exit_on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # ----------------------------------------------------------------------------------------------- main
 
 
-def _check_args(samples_per_shard: int, eval_share: float, vocab_size: int) -> None:
+def _check_args(samples_per_shard: int, eval_share: float, vocab_size: int, max_image_bytes: int) -> None:
     if samples_per_shard < 1:
         raise DataImportError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if not 0.0 <= eval_share < 1.0:
         raise DataImportError(f"eval_share must be in [0, 1), got {eval_share}")
     if vocab_size < 1:
         raise DataImportError(f"vocab_size must be >= 1, got {vocab_size}")
+    if max_image_bytes < 1:
+        raise DataImportError(f"max_image_bytes must be >= 1, got {max_image_bytes}")
 
 
 def write_dataset(
@@ -830,26 +992,31 @@ def import_parquet(
     eval_from: int | None = None,
     vocab_size: int = 8_000,
     force: bool = False,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> DatasetSpec:
-    """Convert an interactions table and an items table (Parquet) into a lemur dataset directory at `out`."""
+    """Convert an interactions table and an items table (Parquet) into a lemur dataset directory at `out`.
+    `max_image_bytes`: the largest image taken (an `image` value or an `image_path` file)."""
     started = time.time()
     out = Path(out)
-    _check_args(samples_per_shard, eval_share, vocab_size)
+    _check_args(samples_per_shard, eval_share, vocab_size, max_image_bytes)
+    _repair_interrupted(out)
     _check_out(out, force)
-    catalog = load_items(items)
+    catalog = load_items(items, max_image_bytes)
     table, layout = load_interactions(interactions, catalog)
     split = time_split(table["timestamp"].to_numpy(), eval_share, eval_from)
     created_by = (
         f"lemur data import interactions={interactions} items={items} samples_per_shard={samples_per_shard} "
         f"eval_share={eval_share} eval_from={eval_from} vocab_size={vocab_size}"
     )
-    tmp = _staging_dir(out)
-    try:
-        spec = write_dataset(table, layout, catalog, split, tmp, samples_per_shard, vocab_size, created_by)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish(tmp, out)
+    with _terminate_as_exit():
+        tmp = _staging_dir(out)
+        try:
+            spec = write_dataset(
+                table, layout, catalog, split, tmp, samples_per_shard, vocab_size, created_by
+            )
+            _publish(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
     print(
         f"import: {spec.counts['train']} train + {spec.counts['eval']} eval samples, {spec.counts['items']} items, "
         f"{time.time() - started:.1f}s -> {out}"
