@@ -8,10 +8,12 @@ import contextlib
 import io
 import json
 import logging
+import lzma
 import math
 import mmap
 import os
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,18 +42,27 @@ class BadSample(ValueError):
 
 @dataclass
 class SkipCounter:
-    """Counts skipped samples by reason and logs the first few."""
+    """Counts skipped samples by reason (and logs the first few), and the samples that decoded well."""
 
     policy: str = "error"
     log_first: int = 5
     counts: Counter = field(default_factory=Counter)
+    """By reason, since the last `take()`."""
+    by_field: Counter = field(default_factory=Counter)
+    """By (reason, field), never reset: what a reader that gives up reports."""
+    good: int = 0
+    """Samples that decoded without a problem (the reader's measure of progress)."""
+    logged: int = 0
 
-    def handle(self, err: BadSample) -> None:
+    def handle(self, err: BadSample, samples: int = 1) -> None:
+        """`samples`: how many samples the problem cost (a damaged tar loses the rest of its shard)."""
         if self.policy == "error":
             raise err
-        self.counts[err.reason] += 1
-        if sum(self.counts.values()) <= self.log_first:
-            log.warning("skipping bad sample: %s", err)
+        self.counts[err.reason] += samples
+        self.by_field[err.reason, err.field] += samples
+        self.logged += 1
+        if self.logged <= self.log_first:
+            log.warning("skipping bad sample%s: %s", f"s (x{samples})" if samples > 1 else "", err)
 
     def take(self) -> dict[str, int]:
         """The counts since the last take (they ride along with each batch to the training process)."""
@@ -66,28 +77,104 @@ class RawSample:
     members: dict[str, bytes]
 
 
-def tar_samples(url: str, skips: SkipCounter) -> Iterator[RawSample]:
-    """Group a tar's members by key (the name up to the first dot). A corrupt or truncated tar is one BadSample
-    naming the last key read; under `skip` the rest of that shard is dropped. A local file is walked header by
-    header from a memory map (`ustar_members`); other URLs (`pipe:`, ...) go through `tarfile`."""
-    key, members = "", {}
-    try:
-        local = not url.startswith("pipe:") and os.path.isfile(url) and os.path.getsize(url) > 0
-        for name, payload in ustar_members(url) if local else tarfile_members(url):
-            name = name.rsplit("/", 1)[-1]
-            if "." not in name:
-                continue
-            this_key, ext = name.split(".", 1)
-            if this_key != key and members:
-                yield RawSample(url, key, members)
-                members = {}
-            key = this_key
-            members[ext.lower()] = payload
-    except (tarfile.TarError, OSError, EOFError) as err:
-        skips.handle(BadSample(url, key or "<start>", "<tar>", "corrupt_tar", str(err)))
-        return
-    if members:
+MAX_MEMBER_BYTES = 64 << 20
+"""A tar member larger than this is never read into memory: its sample is `member_too_large` (a gzip shard can
+hold a member of gigabytes in a few kilobytes)."""
+
+TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+@dataclass(frozen=True)
+class Oversized:
+    """In place of a member's bytes: the member is larger than the limit and was not read."""
+
+    size: int
+
+
+def tar_samples(
+    url: str, skips: SkipCounter, expected: int | None = None, max_member_bytes: int = MAX_MEMBER_BYTES
+) -> Iterator[RawSample]:
+    """A tar's samples: its members grouped by key (the name up to the first dot). Damage anywhere (a bad header, a
+    cut, bytes after the end-of-archive blocks) is a `corrupt_tar` BadSample naming the last key read; under
+    `skip` the rest of the shard is dropped.
+
+    `expected`: the shard's sample count (dataset.json). Given it, every one of those samples is yielded or
+    counted, so nothing is lost quietly: damage counts each sample not yet read as `corrupt_tar`, a shard that ends
+    early counts the samples it lacks as `missing_samples`, and samples past the count are not yielded but counted
+    as `extra_samples` (readers give every rank the same number of batches from the counts, so they cannot take
+    more). Without it, damage counts one `corrupt_tar` and the count is not checked."""
+    key, seen = "<start>", 0  # seen: samples yielded or counted, in shard order
+    groups = sample_groups(url, max_member_bytes)
+    while True:
+        try:
+            group = next(groups, None)
+        except TAR_ERRORS as err:
+            lost = max(1, expected - seen) if expected is not None else 1
+            detail = f"{err}" + (
+                f"; {lost} of its {expected} samples not read" if expected is not None else ""
+            )
+            skips.handle(BadSample(url, key, "<tar>", "corrupt_tar", detail), lost)
+            return
+        if group is None:
+            break
+        key, members = group
+        seen += 1
+        if expected is not None and seen > expected:
+            skips.handle(
+                BadSample(
+                    url,
+                    key,
+                    "<tar>",
+                    "extra_samples",
+                    f"dataset.json counts {expected} samples for the shard",
+                )
+            )
+            continue
+        big = [(ext, p.size) for ext, p in members.items() if isinstance(p, Oversized)]
+        if big:
+            ext, size = big[0]
+            skips.handle(BadSample(url, key, ext, "member_too_large", f"{size} bytes > {max_member_bytes}"))
+            continue
         yield RawSample(url, key, members)
+    if expected is not None and seen < expected:
+        detail = f"dataset.json counts {expected} samples, the shard holds {seen}"
+        skips.handle(BadSample(url, key, "<tar>", "missing_samples", detail), expected - seen)
+
+
+def sample_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, {ext: bytes or Oversized}) of a tar's samples in order; raises (TAR_ERRORS) on damage. A local plain
+    tar is walked header by header from a memory map (`ustar_members`); compressed files and other URLs (`pipe:`,
+    ...) go through `tarfile`."""
+    key, members = "", {}
+    plain = (
+        not url.startswith("pipe:")
+        and os.path.isfile(url)
+        and os.path.getsize(url) > 0
+        and not compressed(url)
+    )
+    for name, payload in (
+        ustar_members(url, max_member_bytes) if plain else tarfile_members(url, max_member_bytes)
+    ):
+        name = name.rsplit("/", 1)[-1]
+        if "." not in name:
+            continue
+        this_key, ext = name.split(".", 1)
+        if this_key != key and members:
+            yield key, members
+            members = {}
+        key = this_key
+        members[ext.lower()] = payload
+    if members:
+        yield key, members
+
+
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def compressed(path: str) -> bool:
+    """Whether a local file starts like gzip, bzip2 or xz (tarfile reads those; the header walker cannot)."""
+    with open(path, "rb") as f:
+        return f.read(6).startswith(COMPRESSED_MAGIC)
 
 
 BLOCK = tarfile.BLOCKSIZE
@@ -102,11 +189,14 @@ OTHER = (
 )
 
 
-def ustar_members(path: str) -> Iterator[tuple[str, bytes]]:
+def ustar_members(
+    path: str, max_member_bytes: int = MAX_MEMBER_BYTES
+) -> Iterator[tuple[str, bytes | Oversized]]:
     """(name, bytes) of a local tar's regular files: the 512-byte headers parsed here, a few µs a member where
     `tarfile` spends tens. Every header's checksum is checked, so damage anywhere in the file is an error (tarfile
-    stops quietly at a bad header after the first). Headers this walker does not read (pax, GNU long names) hand
-    the rest of the file to `tarfile`."""
+    stops quietly at a bad header after the first), and so is data after the end-of-archive blocks. Headers this
+    walker does not read (pax, GNU long names) hand the rest of the file to `tarfile`. A member larger than
+    `max_member_bytes` comes as `Oversized`, unread."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         size, offset = len(data), 0
         while True:
@@ -114,15 +204,14 @@ def ustar_members(path: str) -> Iterator[tuple[str, bytes]]:
                 raise tarfile.ReadError(f"archive cut short at byte {size} (no end-of-archive blocks)")
             header = data[offset : offset + BLOCK]
             if header == ZERO_BLOCK:
-                if size - offset < 2 * BLOCK:
-                    raise tarfile.ReadError(f"archive cut short at byte {size} (one end-of-archive block)")
+                _check_trailer(data, offset + BLOCK, size)
                 return
+            _check_header(header, offset)
             typeflag = header[156:157]
             if typeflag not in REGULAR and typeflag not in OTHER:
                 f.seek(offset)
-                yield from tarfile_members(f, path, offset)
+                yield from tarfile_members(f, max_member_bytes, offset)
                 return
-            _check_header(header, offset)
             length = _octal(header[124:136], offset)
             start = offset + BLOCK
             if start + length > size:
@@ -130,11 +219,28 @@ def ustar_members(path: str) -> Iterator[tuple[str, bytes]]:
                     f"member at byte {offset} cut short: {length} bytes, {size - start} left"
                 )
             if typeflag in REGULAR:
-                yield _name(header), data[start : start + length]
+                yield (
+                    _name(header),
+                    data[start : start + length] if length <= max_member_bytes else Oversized(length),
+                )
             offset = start + -(-length // BLOCK) * BLOCK
 
 
 ZERO_BLOCK = bytes(BLOCK)
+
+
+def _check_trailer(data: mmap.mmap, start: int, size: int) -> None:
+    """After the first end-of-archive block: a second one, then nothing but zeros (the padding to a record). A zero
+    block in the middle of a shard (a hole, two tars run together) is damage, not the end."""
+    if size - start < BLOCK:
+        raise tarfile.ReadError(f"archive cut short at byte {size} (one end-of-archive block)")
+    for at in range(start, size, 1 << 20):
+        chunk = data[at : min(size, at + (1 << 20))]
+        if chunk.count(0) != len(chunk):
+            first = at + len(chunk) - len(chunk.lstrip(b"\0"))
+            raise tarfile.ReadError(
+                f"data at byte {first} after the end-of-archive block at byte {start - BLOCK}"
+            )
 
 
 def _check_header(header: bytes, offset: int) -> None:
@@ -170,28 +276,51 @@ def _name(header: bytes) -> str:
     return name.decode("utf-8", "surrogateescape")
 
 
-def tarfile_members(source: str | BinaryIO, path: str = "", base: int = 0) -> Iterator[tuple[str, bytes]]:
+def tarfile_members(
+    source: str | BinaryIO, max_member_bytes: int = MAX_MEMBER_BYTES, base: int = 0
+) -> Iterator[tuple[str, bytes | Oversized]]:
     """(name, bytes) of the regular files, through `tarfile` in stream mode: a URL (gopen: files, `pipe:`, ...),
-    or an open file positioned at byte `base` of `path` (the fast walker's hand-over)."""
+    or an open file positioned at byte `base` (the fast walker's hand-over). tarfile ends its loop quietly
+    at a damaged header or a cut as at the end of the archive; the last block it read tells them apart."""
     with contextlib.ExitStack() as stack:
         stream = stack.enter_context(gopen(source, "rb")) if isinstance(source, str) else source
         tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|*"))
+        tar.fileobj = blocks = LastRead(tar.fileobj)
         for info in tar:
             if info.isreg():
-                data = tar.extractfile(info)
-                yield info.name, data.read() if data else b""
+                if info.size > max_member_bytes:
+                    yield info.name, Oversized(info.size)  # tarfile skips it, reading but not keeping it
+                else:
+                    data = tar.extractfile(info)
+                    yield info.name, data.read() if data else b""
             tar.members = []  # streaming: do not keep every TarInfo
-        check_end_of_archive(tar, source if isinstance(source, str) else path, base)
+        at = f"byte {base + tar.offset}" + ("" if blocks.comptype == "tar" else " of the uncompressed stream")
+        if blocks.last is not None and blocks.last != ZERO_BLOCK:  # None: the first header was the end
+            if len(blocks.last) < BLOCK:
+                raise tarfile.ReadError(f"archive cut short at {at} (no end-of-archive blocks)")
+            raise tarfile.ReadError(f"invalid header at {at}")
+        rest = 0
+        while chunk := blocks.read(1 << 20):
+            if chunk.count(0) != len(chunk):
+                raise tarfile.ReadError(f"data after the end-of-archive block at {at}")
+            rest += len(chunk)
+        if rest < BLOCK:
+            raise tarfile.ReadError(f"archive cut short after {at} (one end-of-archive block)")
 
 
-def check_end_of_archive(tar: tarfile.TarFile, url: str, base: int = 0) -> None:
-    """tarfile stops quietly at a header cut short; a plain tar file ends with two zero blocks after the last member.
-    `base`: where in the file the tar stream began."""
-    if url.startswith("pipe:") or getattr(tar.fileobj, "comptype", None) != "tar":
-        return  # streams and compressed tars: the size is unknown or not comparable
-    size = os.path.getsize(url)
-    if size - base - tar.offset < 2 * tarfile.BLOCKSIZE:
-        raise tarfile.ReadError(f"archive cut short at byte {size} (no end-of-archive blocks)")
+class LastRead:
+    """tarfile's stream, keeping the last block read (tarfile reads each header as one block)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.last: bytes | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        self.last = self.stream.read(size)
+        return self.last
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 @dataclass

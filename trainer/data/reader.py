@@ -4,7 +4,8 @@ Equal batches on every rank (all-to-alls hang otherwise):
 - train: shards are split by rank, then by DataLoader worker ("reader" = one (rank, worker) pair). Every reader
   yields the same number of batches per epoch: the fewest full batches any reader's shards hold. Readers with
   more drop their surplus (the shard order is reshuffled every epoch, so a different surplus is dropped each
-  time); a reader that runs short because bad samples were skipped tops up from the start of its own shards.
+  time); a reader that runs short because bad samples were skipped tops up from its own shards, pass after pass,
+  and gives up (NoProgress) after a full pass that gave no good sample.
 - eval: every sample is read exactly once; the last batch of a reader and readers with fewer batches are padded
   with invalid rows (`Batch.valid` is False), so every rank still sees the same number of full batches.
 
@@ -20,6 +21,7 @@ import itertools
 import logging
 import os
 import random
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +54,12 @@ class ReaderSettings:
     seed: int
     bad_input: str
     limits: Limits
+    split: str = "train"
+    """For messages."""
+
+
+class NoProgress(RuntimeError):
+    """A train reader under `skip` made a full pass over its shards without one good sample: it would loop forever."""
 
 
 class ShardDataset(IterableDataset):
@@ -107,8 +115,12 @@ class ShardDataset(IterableDataset):
         rng = random.Random(f"{s.seed}/{self.epoch}/{self.rank}/{reader}")
         raw = self._raw_stream(mine, skips, rng) if s.training else self._one_pass(mine, skips)
         counted = Counted(raw)
+        # The samples passed over were read before the checkpoint (their skips reported then): not decoded again,
+        # they count as progress (a pass passed over is not a pass without a good sample), and the tar-level skips
+        # met again on the way (a shard's damage, the shuffle buffer's read-ahead) are the same ones, not new.
         for _ in itertools.islice(counted, skip_raw):
-            pass
+            skips.good += 1
+        skips.take()
         for chunk in chunks(self._decoded(counted, skips), s.batch_size):
             valid = [True] * len(chunk)
             if len(chunk) < s.batch_size:  # eval only: pad the last batch
@@ -126,32 +138,48 @@ class ShardDataset(IterableDataset):
 
     def _one_pass(self, shards: list[ShardRef], skips: SkipCounter) -> Iterator[RawSample]:
         for shard in shards:
-            yield from tar_samples(shard.url, skips)
+            yield from tar_samples(shard.url, skips, expected=shard.expected)
 
     def _raw_stream(
         self, shards: list[ShardRef], skips: SkipCounter, rng: random.Random
     ) -> Iterator[RawSample]:
         """The reader's shards through the shuffle buffer; then, only if it runs short, again in a fresh order.
-        Each pass is shuffled on its own, so no sample comes twice before every sample came once."""
+        Each pass is shuffled on its own, so no sample comes twice before every sample came once. A pass with no
+        good sample (every one of them decoded by the time the next pass starts) would repeat forever: NoProgress."""
         order = list(shards)
         while shards:
-            produced = 0
-            for sample in shuffled(self._one_pass(order, skips), self.settings.shuffle_buffer, rng):
-                produced += 1
-                yield sample
-            if produced == 0:
-                raise RuntimeError(
-                    f"rank {self.rank}: shards {[s.url for s in shards]} yielded no samples at all"
-                )
+            good, bad = skips.good, Counter(skips.by_field)
+            yield from shuffled(self._one_pass(order, skips), self.settings.shuffle_buffer, rng)
+            if skips.good == good:
+                raise NoProgress(self._no_progress(shards, skips.by_field - bad))
             order = list(shards)
             rng.shuffle(order)
+
+    def _no_progress(self, shards: list[ShardRef], bad: Counter) -> str:
+        by_reason: Counter = Counter()
+        for (reason, _), n in bad.items():
+            by_reason[reason] += n
+        parts = []
+        for reason, n in sorted(by_reason.items()):
+            fields = sorted({f for r, f in bad if r == reason})
+            parts.append(f"{reason}={n} ({', '.join(fields[:3])}{', ...' if len(fields) > 3 else ''})")
+        names = [s.url for s in shards]
+        return (
+            f"{self.settings.split} reader (rank {self.rank}): a full pass over its {len(shards)} shards "
+            f"{names[:5]}{' ...' if len(names) > 5 else ''} gave no good sample "
+            f"(skipped: {', '.join(parts) or 'none; the shards hold no samples'}); under bad_input = skip it would "
+            "read them again forever. Check the shards, and dataset.json's labels and counts"
+        )
 
     def _decoded(self, raw: Iterator[RawSample], skips: SkipCounter) -> Iterator[dict[str, Any]]:
         for sample in raw:
             try:
-                yield parse_sample(sample, self.spec, self.settings.limits)
+                decoded = parse_sample(sample, self.spec, self.settings.limits)
             except BadSample as err:
                 skips.handle(err)
+                continue
+            skips.good += 1
+            yield decoded
 
 
 class Counted:
@@ -192,12 +220,19 @@ def chunks(stream: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _worker_gc(worker_id: int) -> None:
-    """Garbage collection in a DataLoader worker, which only reads. The objects forked from the training process
-    (torch, the tokenizer: hundreds of thousands) are frozen out of the collector's sight, so full collections stop
-    walking them (and stop un-sharing their memory pages); young objects are collected less often, since every
-    sample brings large, short-lived id lists that each collection walks. Cycles are still collected. Together
-    this saves about a tenth of a worker's time on long histories."""
+def _worker_init(worker_id: int) -> None:
+    """A DataLoader worker, which only reads.
+
+    SIGTERM is ignored: torchrun and Slurm signal a rank's whole process group, workers included, and torch's
+    worker handler would kill the worker and fail the rank before it saves (`StopSignals`: the rank stops at an
+    agreed step and saves). A worker still ends when its loader shuts down or its parent dies.
+
+    Garbage collection: the objects forked from the training process (torch, the tokenizer: hundreds of thousands)
+    are frozen out of the collector's sight, so full collections stop walking them (and stop un-sharing their memory
+    pages); young objects are collected less often, since every sample brings large, short-lived id lists that each
+    collection walks. Cycles are still collected. Together this saves about a tenth of a worker's time on long
+    histories."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
 
@@ -240,6 +275,11 @@ class BatchStream:
     def __iter__(self) -> Iterator[Batch]:
         while self.epochs is None or self.epoch < self.epochs:
             per_epoch = self.dataset.batches_per_epoch(self.epoch)
+            if per_epoch == 0 and not any(s.samples for s in self.dataset.shards):
+                raise ValueError(
+                    f"rank {self.dataset.rank}: the {self.dataset.settings.split} shards hold no samples "
+                    f"({len(self.dataset.shards)} shards: dataset.json's counts, bounded by the files' sizes)"
+                )
             if per_epoch == 0:
                 raise ValueError(
                     f"rank {self.dataset.rank}: no full batch of {self.dataset.settings.batch_size} per reader; "
@@ -262,16 +302,24 @@ class BatchStream:
             persistent_workers=False,
             prefetch_factor=4 if workers else None,
             multiprocessing_context="fork" if workers else None,
-            worker_init_fn=_worker_gc if workers else None,
+            worker_init_fn=_worker_init if workers else None,
             # Its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG,
             # which would shift dropout masks after every epoch boundary and after a resume.
             generator=torch.Generator().manual_seed(ds.settings.seed),
         )
-        for batch in loader:
-            self.batches += 1
-            self.positions[batch.reader] = batch.reader_position
-            self.skipped.update(batch.skipped)
-            yield batch
+        try:
+            for batch in loader:
+                self.batches += 1
+                self.positions[batch.reader] = batch.reader_position
+                self.skipped.update(batch.skipped)
+                yield batch
+        except Exception as err:
+            if not workers:
+                raise
+            # DataLoader re-raises a worker's error from a frame that refers to the error: a reference cycle that
+            # keeps the workers' iterator alive until a garbage collection, which then waits 5 s per worker to end
+            # them. The message carries the worker's traceback; without the re-raise's, the workers end now.
+            raise err.with_traceback(None) from None
 
     def report(self) -> str:
         if not self.skipped:
@@ -299,7 +347,7 @@ def make_batch_stream(
     data, model = cfg.data, cfg.model
     spec = read_spec(data.path)
     pattern = data.train_shards if split == "train" else data.eval_shards
-    shards = expand_shards(pattern, data.path, split, spec)
+    shards = expand_shards(pattern, data.path, split, spec, strict=data.bad_input == "error")
     tokenizer = resolve_tokenizer(data.tokenizer, data.path, spec.text, data.vocab_size)
     images = data.images_per_sample if model.use_images else 0
     settings = ReaderSettings(
@@ -310,6 +358,7 @@ def make_batch_stream(
         seed=data.seed,
         bad_input=data.bad_input,
         limits=Limits(data.max_text_chars, data.image_size, images),
+        split=split,
     )
     collate = collate_spec(
         spec,
