@@ -1,14 +1,19 @@
 """Process group set-up: torchrun's env:// when launched by it, else a one-process group, so DMP and DeepSpeed
-always have one. NCCL on GPU, gloo on CPU, from the same code."""
+always have one. NCCL on GPU, gloo on CPU, from the same code. The end of a job (`ending_job`), and the signals
+that ask it to stop early (`StopSignals`)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import signal
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -86,3 +91,60 @@ def ending_job() -> Iterator[None]:
         close_distributed(failed=True)
         raise
     close_distributed()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""What preemption sends: Slurm's scancel and time limit (SIGTERM, or SIGUSR1 with `--signal=USR1@SECONDS`),
+torchrun passing on its own SIGTERM, a Kubernetes pod's deletion."""
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 as a request to stop at the next step where the ranks agree. Within `with`, on the main
+    thread, the handlers only note which signal came (no logging, no raising), so a signal never interrupts what
+    the rank is doing, a checkpoint save included, and a second one changes nothing; the previous handlers come back
+    at the end of the block.
+
+    Signals reach the ranks at different times, so no rank may act on its own. The loop adds `votes()` to a sum
+    all-reduce it already makes every few steps and gives the sums to `agree`: every rank then sees the same
+    numbers at the same step, so all of them stop there (`requested`) or none does."""
+
+    def __init__(self, signals: Sequence[signal.Signals] = STOP_SIGNALS) -> None:
+        self.signals = tuple(signals)
+        self.received: set[signal.Signals] = set()
+        """The signals this rank got (set by the handler)."""
+        self.agreed: dict[str, int] = {}
+        """Once the ranks agreed to stop: signal name -> the number of ranks that had got it."""
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            logging.getLogger("lemur").warning("not on the main thread: SIGTERM/SIGUSR1 stop the job at once")
+            return self
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+        self._previous.clear()
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.received.add(signal.Signals(signum))
+
+    def votes(self) -> list[float]:
+        """Per signal, 1.0 if this rank got it: to be summed over the ranks."""
+        return [float(sig in self.received) for sig in self.signals]
+
+    def agree(self, summed: Sequence[float]) -> None:
+        """`votes()` summed over the ranks (the same on every rank). Any vote is a stop, and it stays one."""
+        if not self.agreed:
+            self.agreed = {sig.name: int(n) for sig, n in zip(self.signals, summed) if n > 0}
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.agreed)
+
+    def describe(self, world_size: int) -> str:
+        """E.g. 'SIGTERM (1 of 2 ranks)'."""
+        return ", ".join(f"{name} ({n} of {world_size} ranks)" for name, n in self.agreed.items())

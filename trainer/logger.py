@@ -1,12 +1,14 @@
-"""Metrics out: JSONL (always) and TensorBoard (optional), written by rank 0 only."""
+"""Metrics out: JSONL (always) and TensorBoard (optional), written by rank 0 only; on a resume, the steps after
+the checkpoint are dropped from both, so the curves have no duplicates."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 def strict_json(value: Any, **kwargs: Any) -> str:
@@ -35,23 +37,41 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLogger:
+    """Rank 0's metrics. A resumed run continues the curves without repeating steps: `resume_at(step)` drops the
+    records after the checkpoint's step from metrics.jsonl (the resumed run logs those steps again) and has
+    TensorBoard purge its events from the next step on. The files open at the first record."""
+
     def __init__(self, out_dir: str | Path, enabled: bool, tensorboard: bool) -> None:
         self.enabled = enabled
-        self.jsonl = None
-        self.writer = None
-        if not enabled:
-            return
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (out / "metrics.jsonl").open("a")
-        if tensorboard:
+        self.out = Path(out_dir)
+        self.tensorboard = tensorboard
+        self.purge_step: int | None = None
+        """TensorBoard drops the events of this step and later ones that earlier runs wrote (None: none)."""
+        self.jsonl: TextIO | None = None
+        self.writer: Any = None
+
+    def resume_at(self, step: int) -> int:
+        """The run continues after `step`: drops the later records (returns how many). Before the first `log`."""
+        if not self.enabled:
+            return 0
+        if self.jsonl is not None:
+            raise RuntimeError("MetricsLogger.resume_at: records were already written")
+        self.purge_step = step + 1
+        return drop_records_after(self.out / "metrics.jsonl", step)
+
+    def open(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (self.out / "metrics.jsonl").open("a")
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out / "tensorboard"))
+            self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.purge_step)
 
     def log(self, step: int, kind: str, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if self.jsonl is None:
+            self.open()
         record = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
         self.jsonl.write(strict_json(record) + "\n")  # type: ignore[union-attr]
         self.jsonl.flush()  # type: ignore[union-attr]
@@ -65,3 +85,32 @@ class MetricsLogger:
             self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Keeps the records of the JSONL file `path` up to `step`, and drops the later ones and any line that does not
+    parse (a write cut short by a crash). The file is rewritten to a temporary one renamed over it, so a crash
+    here leaves the old file or the new one, never a torn one. Returns the number of lines dropped."""
+    if not path.is_file():
+        return 0
+    kept: list[str] = []
+    dropped = 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w") as out:
+            out.writelines(kept)
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(path)
+    return dropped

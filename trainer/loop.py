@@ -33,7 +33,7 @@ from trainer.data.batch import Batch
 from trainer.data.item_catalog import ItemsParquet
 from trainer.data.reader import BatchStream, make_batch_stream
 from trainer.data.spec import read_spec
-from trainer.distributed import DistInfo
+from trainer.distributed import DistInfo, StopSignals
 from trainer.engine import (
     EngineState,
     autocast_dtype,
@@ -127,6 +127,7 @@ class Trainer:
             self.out_dir / "checkpoints", self.checkpoint_parts(), config_to_toml(cfg), optional=("bank",)
         )
         self.metrics = MetricsLogger(self.out_dir, info.is_main, cfg.logging.tensorboard)
+        self.stop_signals = StopSignals()  # installed while `fit` runs
         self.flops = FlopMeter(info.device)
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -198,11 +199,15 @@ class Trainer:
         return parts
 
     def resume(self, checkpoint: str) -> None:
-        """Continue from `checkpoint` ('auto': the latest in the run directory, if any)."""
+        """Continue from `checkpoint` ('auto': the latest in the run directory, if any; none: from step 0). The
+        metrics logged after that step go: the run logs those steps again."""
         path = self.checkpointer.resolve(checkpoint)
         if path is not None:
             self.checkpointer.load(path)
             log.info("resumed at step %d", self.step)
+        dropped = self.metrics.resume_at(self.step)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d records after step %d", dropped, self.step)
 
     def load_weights(self, checkpoint: str) -> None:
         """The model of `checkpoint` ('auto': the latest), for eval or export."""
@@ -277,6 +282,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, Any]:
+        """Train to `training.steps`, evaluate, save. A SIGTERM or SIGUSR1 on any rank stops it early instead (see
+        `StopSignals`): the ranks agree on a step in the all-reduce of the next log or checkpoint step, at most
+        `logging.log_every` steps after the signal (a save or eval under way finishes first), save a checkpoint
+        there (the periodic one, so `--resume auto` continues exactly) and return without the final eval, with
+        `results["stopped"]`. The previous signal handlers are back when it returns."""
+        with self.stop_signals:
+            return self.train_loop()
+
+    def train_loop(self) -> dict[str, Any]:
         cfg = self.cfg.training
         if self.step == 0 and self.content_source is not None:
             self.content_source.start(self.step)
@@ -288,7 +302,8 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not show, desc="train", mininterval=interval)
         window = Window(self.step)
         history: list[float] = []
-        results: dict[str, Any] = {}
+        results: dict[str, Any] = {"train_loss": history}
+        stop = self.stop_signals
         while self.step < cfg.steps:
             if phase_at(self.cfg, self.step) != self.phase:
                 self.enter_phase(phase_at(self.cfg, self.step))
@@ -298,22 +313,34 @@ class Trainer:
             window.add(loss, batch.size)
             bar.update(1)
             if self.step % self.cfg.logging.log_every == 0 or self.step == cfg.steps:
-                values = self.log_train(window)
+                values = self.log_train(window)  # the ranks also agree here whether to stop
                 history.append(values["loss"])
                 bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
                 window = Window(self.step)
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+            eval_step = cfg.eval_every and self.step % cfg.eval_every == 0
+            if eval_step and self.step < cfg.steps and not stop.requested:  # stopping: no time for an eval
                 self.log_eval(self.evaluate())
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                self.step_losses(window)  # never a checkpoint after a non-finite loss
+            checkpoint_step = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+            if (checkpoint_step and self.step < cfg.steps) or stop.requested:
+                self.step_losses(window)  # never a checkpoint after a non-finite loss (and agree again)
                 self.checkpointer.save(self.step)
+            if stop.requested:
+                bar.close()
+                if self.info.is_main:
+                    log.warning(
+                        "stopped on %s at step %d of %d, checkpoint saved; continue with --resume auto",
+                        stop.describe(self.info.world_size),
+                        self.step,
+                        cfg.steps,
+                    )
+                results["stopped"] = {"step": self.step, "signals": dict(stop.agreed)}
+                return results
         bar.close()
         results["eval"] = self.evaluate()
         self.log_eval(results["eval"])
         self.checkpointer.save(self.step)
         if cfg.objective == "contrastive" and self.info.is_main:
             log.info("stage-1 encoders -> %s", save_encoders(self.model.dense, self.out_dir))
-        results["train_loss"] = history
         log.info("%s", self.train_stream.report())
         return results
 
@@ -324,12 +351,15 @@ class Trainer:
         return self.reduced_window(window)[0]
 
     def reduced_window(self, window: Window) -> tuple[torch.Tensor, float]:
-        """`step_losses` and the samples of every rank, from one all-reduce."""
-        samples = torch.tensor([window.samples], dtype=torch.float64, device=self.info.device)
-        totals = torch.cat([window.stacked(self.info.device), samples])
+        """`step_losses` and the samples of every rank, from one all-reduce, which also carries the ranks' stop
+        votes (`StopSignals`): the ranks agree whether to stop at no cost beyond a few more numbers."""
+        votes = self.stop_signals.votes()
+        extra = torch.tensor([window.samples, *votes], dtype=torch.float64, device=self.info.device)
+        totals = torch.cat([window.stacked(self.info.device), extra])
         dist.all_reduce(totals)
         totals = totals.cpu()
-        losses, samples = totals[:-1], float(totals[-1])
+        losses, samples = totals[: window.steps], float(totals[window.steps])
+        self.stop_signals.agree(totals[window.steps + 1 :].tolist())
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             raise NonFiniteLoss(
