@@ -108,7 +108,9 @@ def _same_loss_with_and_without_cache(dataset: str, out: str) -> None:
 
 
 @pytest.mark.slow
-def test_cached_and_uncached_steps_give_the_same_loss_and_gradients(small_dataset: Path, tmp_path: Path) -> None:
+def test_cached_and_uncached_steps_give_the_same_loss_and_gradients(
+    small_dataset: Path, tmp_path: Path
+) -> None:
     in_process(_same_loss_with_and_without_cache, str(small_dataset), str(tmp_path / "run"))
 
 
