@@ -467,3 +467,51 @@ def test_a_listed_shard_that_is_not_there_names_dataset_json(small_dataset: Path
     with pytest.raises(FileNotFoundError, match="eval-000001.tar: shard not found") as err:
         make_batch_stream(small_config(data), "eval")
     assert str(data / "dataset.json") in str(err.value)
+
+
+def _jpeg(size: tuple[int, int] = (32, 32)) -> bytearray:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((*size[::-1], 3)) * 255).astype("uint8")).save(
+        out, "JPEG"
+    )
+    return bytearray(out.getvalue())
+
+
+@pytest.mark.parametrize(
+    "claimed, message",
+    [((12000, 12000), "at most 8192 a side"), ((4000, 4000), "cannot hold the 4000x4000 pixels")],
+)
+def test_a_jpeg_header_claiming_more_than_its_bytes_is_a_bad_image(
+    claimed: tuple[int, int], message: str
+) -> None:
+    """libjpeg decodes such a file as flat grey without an error; the reader must not train on it."""
+    import struct
+
+    from trainer.data.decode import decode_image
+
+    data = _jpeg()
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", *claimed[::-1])
+    with pytest.raises(ValueError, match=message):
+        decode_image(bytes(data), 24)
+    assert decode_image(bytes(_jpeg()), 24).shape == (24, 24, 3)
+
+
+@pytest.mark.parametrize("kind", ["GIF", "BMP", "WEBP"])
+def test_images_other_than_jpeg_or_png_are_bad_images_whatever_their_name(kind: str) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from trainer.data.decode import decode_image
+
+    out = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(out, kind)
+    with pytest.raises(ValueError, match=f"a {kind} image, not JPEG or PNG"):
+        decode_image(out.getvalue(), 24)

@@ -13,6 +13,7 @@ import math
 import mmap
 import os
 import tarfile
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -328,6 +329,9 @@ class Limits:
     max_text_chars: int
     image_size: int
     images_per_sample: int
+    decode_images: bool = True
+    """False: a sample's images are only counted (None for each present one), not decoded: the image features of its
+    item come from items.parquet through the frozen-feature cache (`trainer/models/frozen_cache.py`)."""
 
 
 def parse_sample(raw: RawSample, spec: DatasetSpec, limits: Limits) -> dict[str, Any]:
@@ -465,9 +469,12 @@ def image_members(members: dict[str, bytes]) -> list[str]:
     return [ext for _, ext in sorted(found)]
 
 
-def _images(raw: RawSample, limits: Limits, bad: Any) -> list[np.ndarray]:
-    out = []
-    for ext in image_members(raw.members)[: limits.images_per_sample]:
+def _images(raw: RawSample, limits: Limits, bad: Any) -> list[np.ndarray | None]:
+    present = image_members(raw.members)[: limits.images_per_sample]
+    if not limits.decode_images:
+        return [None] * len(present)
+    out: list[np.ndarray | None] = []
+    for ext in present:
         try:
             out.append(decode_image(raw.members[ext], limits.image_size))
         except (OSError, ValueError, Image.DecompressionBombError) as err:
@@ -475,9 +482,33 @@ def _images(raw: RawSample, limits: Limits, bad: Any) -> list[np.ndarray]:
     return out
 
 
+IMAGE_FORMATS = ("JPEG", "PNG")
+MAX_IMAGE_SIDE = 8192
+"""Pixels a side an image may claim (67 M pixels at most, under PIL's decompression-bomb warning)."""
+MIN_COMPRESSED_BYTES_PER_PIXEL = {"JPEG": 1 / 1024, "PNG": 1 / 1032}
+"""Bytes per pixel an image needs at the least: a flat JPEG still spends a few bits per 8x8 block, deflate never
+compresses past 1032:1. Fewer bytes than this for the size a header claims is a damaged or forged header, which
+libjpeg would otherwise decode as grey without an error."""
+
+
+def check_image_header(image: Image.Image, data: bytes) -> None:
+    """A JPEG or PNG whose claimed size is bounded and fits its bytes; anything else raises ValueError."""
+    if image.format not in IMAGE_FORMATS:
+        raise ValueError(f"a {image.format or 'unknown'} image, not JPEG or PNG")
+    width, height = image.size
+    if max(width, height) > MAX_IMAGE_SIDE or min(width, height) < 1:
+        raise ValueError(f"claims {width}x{height} pixels (at most {MAX_IMAGE_SIDE} a side)")
+    if len(data) < width * height * MIN_COMPRESSED_BYTES_PER_PIXEL[image.format]:
+        raise ValueError(f"{len(data)} bytes cannot hold the {width}x{height} pixels its header claims")
+
+
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """JPEG/PNG bytes -> uint8 [size, size, 3]. `draft` lets libjpeg decode at a reduced scale when it can."""
-    with Image.open(io.BytesIO(data)) as image:
+    with warnings.catch_warnings():  # a header past PIL's bomb threshold is refused below, by name
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+    with image:
+        check_image_header(image, data)
         image.draft("RGB", (size, size))
         image = image.convert("RGB")
         if image.size != (size, size):
