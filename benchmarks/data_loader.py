@@ -7,6 +7,7 @@ Modes (the shard shapes of the `lemur` and `em3` presets, on small synthetic dat
   lemur-text-json  the same with the JSON sample records (the first format), to compare in one run
   em3-image    EM3: one 224x224 JPEG per sample decoded to uint8, text at 32/64/16 tokens, histories of 50 and 500
   em3-text     the em3 shards with images off (the JPEG bytes are still read, never decoded)
+  em3-image-cached  em3-image under model.frozen_cache: the cache serves the images, so the JPEGs are not decoded
 
 Each point builds the train BatchStream exactly as training does (`make_batch_stream(cfg, "train")` with the ids hashed
 into the run's tables and, with the memory bank, the raw history ids kept), skips the first
@@ -112,6 +113,8 @@ class Mode:
     about: str
     record: str = "binary"
     """The shards' sample record: binary (`.rec`, the default since 2026-11-30) or json (the first format)."""
+    overrides: tuple[str, ...] = ()
+    """Config overrides of the mode (on top of the shape's preset)."""
 
     @property
     def dataset(self) -> tuple[str, str]:
@@ -140,6 +143,13 @@ MODES = {
         ),
         Mode("em3-image", "em3", True, "em3 shape, one 224x224 JPEG per sample decoded (text 32/64/16)"),
         Mode("em3-text", "em3", False, "em3 shards with images off (JPEG bytes read, not decoded)"),
+        Mode(
+            "em3-image-cached",
+            "em3",
+            True,
+            "em3-image with EM3's frozen-feature cache serving the images: the JPEGs are counted, not decoded",
+            overrides=("model.frozen_cache=true",),
+        ),
     )
 }
 
@@ -214,6 +224,7 @@ def mode_config(mode: Mode, path: Path, workers: int, args: argparse.Namespace) 
             f"model.use_images={'true' if mode.images else 'false'}",
             "data.images_per_sample=1",
             "data.image_size=224",
+            *mode.overrides,
         ],
     )
     cfg.data.train_shards = repeated_shards(path)

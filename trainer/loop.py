@@ -31,7 +31,7 @@ from trainer.config import Config, ConfigError, config_to_toml
 from trainer.content import EVAL, SERVE, TRAIN, BankContent, ContentSource, build_content_source
 from trainer.data.batch import Batch
 from trainer.data.item_catalog import ItemsParquet
-from trainer.data.reader import BatchStream, make_batch_stream
+from trainer.data.reader import BatchStream, images_from_cache, make_batch_stream
 from trainer.data.spec import read_spec
 from trainer.distributed import DistInfo, StopSignals
 from trainer.engine import (
@@ -226,6 +226,11 @@ class Trainer:
         autocast = autocast_dtype(self.cfg)
         with torch.autocast(device.type, autocast or torch.bfloat16, enabled=autocast is not None):
             content.use_frozen_cache(self.items.chunks(), len(self.items), device, autocast)
+        if images_from_cache(self.cfg) and content.frozen_cache.images is None:
+            raise ConfigError(
+                "model.frozen_cache: the reader leaves images undecoded for the cache, but the vision tower has no "
+                "frozen block to cache (model.vision_tower.trainable_top_layers >= its depth)"
+            )
 
     # ------------------------------------------------------------------------------------------------ steps
 
@@ -268,6 +273,9 @@ class Trainer:
     def evaluate(self, from_bank: bool = False) -> dict[str, float]:
         """Metrics on the eval split; `from_bank`: the serving path (content vectors read from the bank only,
         the encoder does not run)."""
+        content = self.model.dense.content
+        if self.cfg.model.frozen_cache and content is not None and content.frozen_cache is None:
+            self.build_frozen_cache()  # `lemur eval`: the reader left the images to the cache
         self.engine.eval()
         accumulator = EvalAccumulator()
         for batch in self.batches("eval"):

@@ -62,20 +62,15 @@ class Batch:
     bank and the recompute baseline look items up by raw id, not by table row."""
     packed_text: PackedText | None = None
     """`text` without its padding, in length buckets (`data.text_buckets` > 0), for the calls that encode every row."""
-    items_known: bool = False
-    """Every target item is in items.parquet (the reader joined its text by id), so item-keyed caches of content,
-    built from the same file, hold it (`ContentEncoder.frozen_cache`)."""
+    known_item_ids: torch.Tensor | None = None
+    """[B] the target item ids when every valid row's item is in items.parquet (padding rows carry a valid row's
+    id), else None: what item-keyed caches of content built from that file take (`ContentEncoder.frozen_cache`)."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Bad samples dropped while this batch was built, by reason."""
     reader: int = 0
     """Logical reader (DataLoader worker) that built the batch."""
     reader_position: int = 0
     """Raw samples that reader had consumed when the batch was complete (for exact resume)."""
-
-    @property
-    def known_item_ids(self) -> torch.Tensor | None:
-        """The target item ids when every one is in items.parquet, else None (what the content encoder takes)."""
-        return self.item_id if self.items_known else None
 
     @property
     def size(self) -> int:

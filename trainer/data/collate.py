@@ -220,12 +220,14 @@ class Collator:
         packed = pack_text(list(arrays.values()), self.spec.text_buckets) if self.spec.text_buckets else None
         return {f: self.as_tokens(*arrays[f]) for f in arrays}, packed
 
-    def items_known(self, samples: list[dict[str, Any]]) -> bool:
-        """Every target item is in the item token table (that is, in items.parquet)."""
-        if self.items is None:
-            return False
+    def known_item_ids(self, samples: list[dict[str, Any]], valid: list[bool]) -> torch.Tensor | None:
+        """The target ids if every valid row's item is in the item token table (that is, in items.parquet), with
+        padding rows given a valid row's id; else None."""
         ids = np.fromiter((x["item_id"] for x in samples), np.int64, len(samples))
-        return bool(self.items.rows_of(ids)[1].all())
+        real = np.asarray(valid, dtype=bool)
+        if self.items is None or not real.any() or not self.items.rows_of(ids[real])[1].all():
+            return None
+        return torch.from_numpy(np.where(real, ids, ids[real][0]))
 
     def item_token_arrays(
         self, item_ids: np.ndarray, text_of: Callable[[str, int], str]
@@ -267,12 +269,15 @@ class Collator:
         image_mask = np.zeros((len(samples), n_img), dtype=bool)
         for i, x in enumerate(samples):
             for j, pixels in enumerate(x["images"][:n_img]):
-                images[i, j], image_mask[i, j] = pixels.transpose(2, 0, 1), True
+                image_mask[i, j] = True
+                if pixels is not None:  # None: present, not decoded (the frozen-feature cache serves it)
+                    images[i, j] = pixels.transpose(2, 0, 1)
 
         def column(name: str, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor([x[name] for x in samples], dtype=dtype)
 
         text, packed_text = self.item_text(samples)
+        valid_rows = valid if valid is not None else [True] * len(samples)
         sparse, sequences = jagged(s.pooled_keys, pooled_rows), jagged(s.sequence_keys, sequence_rows)
         raw_histories = None
         if s.raw_histories:
@@ -298,9 +303,9 @@ class Collator:
             session_id=column("session_id", torch.int64),
             timestamp=column("timestamp", torch.int64),
             cold=column("cold", torch.bool),
-            valid=torch.tensor(valid if valid is not None else [True] * len(samples), dtype=torch.bool),
+            valid=torch.tensor(valid_rows, dtype=torch.bool),
             raw_histories=raw_histories,
-            items_known=self.items_known(samples),
+            known_item_ids=self.known_item_ids(samples, valid_rows),
         )
 
 

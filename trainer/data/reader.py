@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -175,11 +176,30 @@ class ShardDataset(IterableDataset):
         for sample in raw:
             try:
                 decoded = parse_sample(sample, self.spec, self.settings.limits)
+                self.check_item_known(sample, decoded)
             except BadSample as err:
                 skips.handle(err)
                 continue
             skips.good += 1
             yield decoded
+
+    def check_item_known(self, raw: RawSample, decoded: dict[str, Any]) -> None:
+        """Images left undecoded (`Limits.decode_images` False) are served by item from items.parquet: a sample
+        whose item is not there has no image features at all, so it is a bad sample."""
+        if self.settings.limits.decode_images or not decoded["images"]:
+            return
+        items = self.collator.items
+        known = items is not None and bool(
+            items.rows_of(np.array([decoded["item_id"]], dtype=np.int64))[1][0]
+        )
+        if not known:
+            raise BadSample(
+                raw.shard,
+                raw.key,
+                "item_id",
+                "not_in_items",
+                f"item {decoded['item_id']} is not in items.parquet, where the frozen-feature cache takes images from",
+            )
 
 
 class Counted:
@@ -329,6 +349,14 @@ class BatchStream:
         return f"reader: skipped {total} bad samples ({parts})"
 
 
+def images_from_cache(cfg: Config) -> bool:
+    """The vision tower's frozen bottom is served from the frozen-feature cache, so the reader decodes no image."""
+    model = cfg.model
+    return (
+        model.frozen_cache and model.use_content and model.use_images and model.vision_tower.has_frozen_bottom
+    )
+
+
 def make_batch_stream(
     cfg: Config,
     split: str,
@@ -357,7 +385,7 @@ def make_batch_stream(
         shuffle_buffer=data.shuffle_buffer,
         seed=data.seed,
         bad_input=data.bad_input,
-        limits=Limits(data.max_text_chars, data.image_size, images),
+        limits=Limits(data.max_text_chars, data.image_size, images, not images_from_cache(cfg)),
         split=split,
     )
     collate = collate_spec(
