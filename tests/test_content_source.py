@@ -49,7 +49,12 @@ class FakeEncoder(nn.Module):
         self.calls: list[tuple[int, bool]] = []
 
     def forward(
-        self, text: dict[str, Tokens], images: torch.Tensor, image_mask: torch.Tensor
+        self,
+        text: dict[str, Tokens],
+        images: torch.Tensor,
+        image_mask: torch.Tensor,
+        item_ids: torch.Tensor | None = None,
+        packed: Any = None,
     ) -> torch.Tensor:
         self.calls.append((text["title"].input_ids.shape[0], torch.is_grad_enabled()))
         return self.embed(text["title"].input_ids).sum(1)
@@ -66,6 +71,8 @@ def fake_batch(n: int) -> Any:
         image_mask=torch.zeros(n, 0, dtype=torch.bool),
         valid=torch.ones(n, dtype=torch.bool),
         item_id=torch.arange(100, 100 + n),
+        known_item_ids=None,
+        packed_text=None,
     )
 
 

@@ -107,6 +107,7 @@ def test_loss_falls_and_eval_export_work(small_dataset: Path, tmp_path: Path) ->
     assert 0.5 < evals[60]["auc"] <= 1.0 and evals[60]["samples"] == 360
     assert (out / "config.toml").is_file() and (out / "checkpoints" / "latest").is_file()
 
+    before = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()}
     ctx = mp.get_context("spawn")
     # Scoring the checkpoint in ONE process (other sharding plan, tables resharded by DCP) gives the numbers the
     # two training processes logged.
@@ -128,6 +129,8 @@ def test_loss_falls_and_eval_export_work(small_dataset: Path, tmp_path: Path) ->
     assert p.exitcode == 0
     table = pq.read_table(export)
     assert table.num_rows == 200 and table.schema.field("vector").type.list_size == 16
+    # eval and export write nothing into the training run's directory (its config.toml stays the one it trained with)
+    assert {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()} == before
 
 
 def _cli(argv: list[str], stdout: Path | None = None) -> None:

@@ -17,7 +17,7 @@ from trainer.train import setup_logging
 def _loaded(cfg: Config, checkpoint: str) -> Trainer:
     info = init_distributed(cfg.distributed.backend)
     setup_logging(info.rank)
-    trainer = Trainer(cfg, info)
+    trainer = Trainer(cfg, info, training=False)
     trainer.load_weights(checkpoint)
     return trainer
 

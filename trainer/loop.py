@@ -86,7 +86,9 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: DistInfo) -> None:
+    def __init__(self, cfg: Config, info: DistInfo, training: bool = True) -> None:
+        """`training` False: a trainer that only loads a checkpoint to score or export it, which writes nothing to
+        the run directory (the run's config.toml stays the one it trained with)."""
         self.cfg, self.info = cfg, info
         self.out_dir = Path(cfg.logging.out_dir)
         self.spec = read_spec(cfg.data.path)
@@ -129,9 +131,10 @@ class Trainer:
         self.metrics = MetricsLogger(self.out_dir, info.is_main, cfg.logging.tensorboard)
         self.stop_signals = StopSignals()  # installed while `fit` runs
         self.flops = FlopMeter(info.device)
-        if info.is_main:
+        if info.is_main and training:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.toml").write_text(config_to_toml(cfg))
+        if info.is_main:
             log.info("sharding plan:\n%s", describe_plan(self.dmp))
             log.info("dense parameters: %s (trainable %s)", self.count_params(False), self.count_params(True))
 
