@@ -55,6 +55,9 @@ class CollateSpec:
     """Pad each text field to the batch's longest (rounded up to a multiple of PAD_MULTIPLE, at most the budget)
     instead of the budget. The towers' outputs do not change (positions count real tokens, attention masks
     padding); their work shrinks with the padding (the synthetic lemur text fills about a fifth of its budgets)."""
+    pixels: bool = True
+    """False: the frozen-feature cache serves every target's image features (the reader decodes no image), so the
+    batch carries the image mask and no pixels ([B, N, 3, 0, 0]), and every row a cached item id."""
     text_buckets: int = 0
     """> 0: also hand the text to the towers packed (`Batch.packed_text`): real tokens only, rows sorted by length
     into this many buckets, each padded to its own longest row (rounded up to PAD_MULTIPLE)."""
@@ -225,9 +228,12 @@ class Collator:
         padding rows given a valid row's id; else None."""
         ids = np.fromiter((x["item_id"] for x in samples), np.int64, len(samples))
         real = np.asarray(valid, dtype=bool)
-        if self.items is None or not real.any() or not self.items.rows_of(ids[real])[1].all():
+        if self.items is None or len(self.items) == 0 or not self.items.rows_of(ids[real])[1].all():
             return None
-        return torch.from_numpy(np.where(real, ids, ids[real][0]))
+        filler = (
+            ids[real][0] if real.any() else self.items.item_ids[0]
+        )  # an all-padding batch: any cached item
+        return torch.from_numpy(np.where(real, ids, filler))
 
     def item_token_arrays(
         self, item_ids: np.ndarray, text_of: Callable[[str, int], str]
@@ -265,12 +271,14 @@ class Collator:
         n_img, size = s.images_per_sample, s.image_size
         # [B, N, 3, H, W]: each decoded [H, W, 3] image is transposed as it is copied in (one pass over the pixels;
         # a permute of the whole uint8 batch afterwards costs twice as much).
+        if not s.pixels:
+            size = 0  # nothing to copy across the worker queue and to the device
         images = np.zeros((len(samples), n_img, 3, size, size), dtype=np.uint8)
         image_mask = np.zeros((len(samples), n_img), dtype=bool)
         for i, x in enumerate(samples):
             for j, pixels in enumerate(x["images"][:n_img]):
                 image_mask[i, j] = True
-                if pixels is not None:  # None: present, not decoded (the frozen-feature cache serves it)
+                if pixels is not None and s.pixels:  # None: present, not decoded (the cache serves it)
                     images[i, j] = pixels.transpose(2, 0, 1)
 
         def column(name: str, dtype: torch.dtype) -> torch.Tensor:

@@ -400,6 +400,7 @@ def make_batch_stream(
         pad_to_longest,
         data.text_buckets,
     )
+    collate.pixels = not images_from_cache(cfg)
     items = load_item_tokens(Path(data.path) / "items.parquet", tokenizer, collate.text_fields)
     dataset = ShardDataset(shards, spec, collate, tokenizer, settings, rank, world_size, items)
     return BatchStream(dataset, pin_memory=pin_memory, epochs=epochs if split == "train" else 1)

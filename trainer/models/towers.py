@@ -306,6 +306,11 @@ class VisionTower(FrozenBottom, nn.Module):
         b, n = image_mask.shape
         if n == 0:
             return self.empty(b, images.device)
+        if images.shape[-1] == 0:
+            raise ValueError(
+                "the batch carries no pixels (the reader left its images to the frozen-feature cache), "
+                "but the vision tower was asked to encode them"
+            )
         states = self.encoder(
             pixel_values=self.pixels(images), interpolate_pos_encoding=self.interpolate
         ).last_hidden_state
