@@ -218,6 +218,25 @@ def test_pretrained_text_tower_round_trip(tmp_path: Path) -> None:
         TextTower(tower(pretrained=str(tmp_path)), VOCAB, 3, 41, PAD)
 
 
+def test_a_pretrained_tower_saved_in_bf16_trains_in_fp32(tmp_path: Path) -> None:
+    """Published checkpoints are often bf16; transformers loads their dtype, which crashed fp32 training."""
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+    )
+    BertModel(config, add_pooling_layer=False).to(torch.bfloat16).save_pretrained(tmp_path)
+    text = TextTower(tower(pretrained=str(tmp_path)), VOCAB, 1, 30, PAD)
+    assert {p.dtype for p in text.parameters()} == {torch.float32}
+    ids = torch.randint(3, VOCAB, (2, 6))
+    pooled = text([Tokens(ids, torch.ones_like(ids))]).pooled
+    (nn.Linear(32, 4)(pooled)).sum().backward()  # an fp32 head on top: the crash was here
+    assert pooled.dtype == torch.float32
+
+
 def test_pretrained_vision_tower_round_trip(tmp_path: Path) -> None:
     config = ViTConfig(
         image_size=IMAGE,

@@ -44,7 +44,7 @@ from trainer.engine import (
 )
 from trainer.flops import FlopMeter
 from trainer.logger import MetricsLogger
-from trainer.metrics import EvalAccumulator
+from trainer.metrics import EvalAccumulator, format_metric
 from trainer.models.model import LemurModel, build_model, plan_id_tables
 from trainer.phases import apply_phase, phase_at
 from trainer.step import LemurStep, StepOutput
@@ -404,7 +404,7 @@ class Trainer:
         self.metrics.log(self.step, "eval", values)
         if self.info.is_main:
             shown = ", ".join(
-                f"{k}={v:.4f}"
+                f"{k}={format_metric(v)}"
                 for k, v in values.items()
                 if k in ("auc", "gauc", "qauc", "cold_auc", "logloss")
             )

@@ -323,14 +323,19 @@ TABLE_COLUMNS = (
 
 def _cell(key: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
+        return "n/a"  # e.g. QAUC of a dataset without queries, cold AUC without cold items
     if key == "samples":
         return f"{int(value):,}"
     return f"{value:.4f}"
 
 
+def format_metric(value: float) -> str:
+    """A metric for a log line: n/a where it has no value (NaN)."""
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
 def format_metrics_table(results: dict[str, dict[str, float]]) -> str:
-    """Runs as rows (e.g. multimodal vs id_only), metrics as columns: plain aligned text, '-' for nan."""
+    """Runs as rows (e.g. multimodal vs id_only), metrics as columns: plain aligned text, 'n/a' for nan."""
     header = ["run", *(title for title, _ in TABLE_COLUMNS)]
     rows = [[name, *(_cell(key, m.get(key)) for _, key in TABLE_COLUMNS)] for name, m in results.items()]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

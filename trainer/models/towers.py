@@ -116,6 +116,9 @@ def load_pretrained(path: str) -> PreTrainedModel:
     model = with_attention(
         lambda attn: AutoModel.from_pretrained(path, local_files_only=True, attn_implementation=attn)
     )
+    # transformers keeps a checkpoint's own dtype (published ones are often bf16): the towers start in fp32 like
+    # everything else, and the training dtype applies to all of them alike (bf16 weights or autocast).
+    model = model.float()
     if getattr(model, "pooler", None) is not None:
         model.pooler = None  # unused: a parameter without gradient stalls DDP and ZeRO reductions
     return model
