@@ -7,6 +7,12 @@ the order the parts are given). The adapters below turn a `state_dict`/`load_sta
 file per rank: the reader position, the trainer's step and RNG). The DeepSpeed engine (`trainer/engine.py`) and the
 memory bank save themselves.
 
+Another number of ranks: a checkpoint written by N ranks loads into M. Before any part loads, `Checkpointer.load`
+asks every part with a `plan_resize(directory, saved_world_size)` how it will load (a phrase for the log) or to
+refuse (then nothing was loaded; every rank reads the same files, so every rank decides alike). Parts without it
+reshard by themselves (`ShardedState`, the memory bank). A `RankState` reads every saved rank's file and lets its
+state build this rank's state from them (`reshard_state(states) -> (state, phrase)`).
+
 Atomic: everything is written under `step-N.partial/`; once every rank is done, rank 0 renames it to `step-N/` and
 then points `latest` at it (write-then-rename). A crash mid-save leaves `latest` on the previous checkpoint.
 The directory must be on storage every rank sees (one machine, or a shared filesystem across nodes).
@@ -18,6 +24,7 @@ import logging
 import random
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,11 +45,26 @@ class Stateful(Protocol):
 
 
 class CheckpointPart(Protocol):
-    """One part of a checkpoint: writes and reads its own directory. Both are collectives."""
+    """One part of a checkpoint: writes and reads its own directory. Both are collectives. A part may also have
+    `plan_resize(directory, saved_world_size) -> str` (see `Resizable`)."""
 
     def save(self, directory: Path) -> None: ...
 
     def load(self, directory: Path) -> None: ...
+
+
+class Resizable(Protocol):
+    def plan_resize(self, directory: Path, saved_world_size: int) -> str:
+        """Before any part loads: how this part will load a checkpoint that `saved_world_size` ranks wrote into
+        this run's number of ranks (a phrase for the log), or raise if it cannot. Not a collective."""
+        ...
+
+
+class Reshardable(Protocol):
+    def reshard_state(self, states: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+        """This rank's state, built from the states every rank of a run of another size saved (in rank order),
+        and a phrase for the log saying how."""
+        ...
 
 
 class ShardedState:
@@ -62,8 +84,10 @@ class ShardedState:
 
 
 class RankState:
-    """A state that is each rank's own: one file per rank. `source_rank` reads that rank's file on every rank
-    instead (state that is the same on all ranks, read by a run of another size)."""
+    """A state that is each rank's own: one file per rank, which records the number of ranks that wrote it.
+    `source_rank` reads that rank's file on every rank instead (state that is the same on all ranks, read by a
+    run of any size). Written by another number of ranks, every saved rank's file is read and the state builds
+    this rank's state from them (`Reshardable.reshard_state`; a state without it cannot be resized)."""
 
     def __init__(self, state: Stateful, source_rank: int | None = None) -> None:
         self.state = state
@@ -76,11 +100,47 @@ class RankState:
 
     def load(self, directory: Path) -> None:
         rank, world_size = rank_and_world()
-        path = directory / rank_file(self.source_rank if self.source_rank is not None else rank)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; was the checkpoint written by {world_size} ranks?")
-        record = torch.load(path, weights_only=False)  # our own file: positions, RNG states
-        self.state.load_state_dict(record["state"])
+        if self.source_rank is not None:
+            self.state.load_state_dict(read_rank_file(directory, self.source_rank)["state"])
+            return
+        saved = saved_world_size(directory)
+        if saved == world_size:
+            self.state.load_state_dict(read_rank_file(directory, rank)["state"])
+        else:
+            self.state.load_state_dict(self.resharded(directory, saved)[0])
+
+    def plan_resize(self, directory: Path, saved_world_size: int) -> str:
+        if self.source_rank is not None:
+            return f"from rank {self.source_rank}"
+        return self.resharded(directory, saved_world_size)[1]
+
+    def resharded(self, directory: Path, saved: int) -> tuple[dict[str, Any], str]:
+        reshard = getattr(self.state, "reshard_state", None)
+        if reshard is None:
+            raise ValueError(
+                f"{directory}: written by {saved} ranks, and {type(self.state).__name__} cannot be loaded by "
+                f"{rank_and_world()[1]}"
+            )
+        return reshard([read_rank_file(directory, r)["state"] for r in range(saved)])
+
+
+def read_rank_file(directory: Path, rank: int) -> dict[str, Any]:
+    path = directory / rank_file(rank)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (the checkpoint is incomplete)")
+    return torch.load(path, weights_only=False)  # our own file: positions, RNG states
+
+
+def saved_world_size(directory: Path) -> int:
+    """The number of ranks that wrote a `RankState` directory (rank 0's file says), checked against the files
+    present: a missing one fails here, on every rank alike, before anything loads."""
+    saved = read_rank_file(directory, 0)["world_size"]
+    missing = [rank_file(r) for r in range(saved) if not (directory / rank_file(r)).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory}: written by {saved} ranks, but {', '.join(missing)} missing (the checkpoint is incomplete)"
+        )
+    return saved
 
 
 def rank_file(rank: int) -> str:
@@ -125,6 +185,29 @@ class RngState:
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
 
+    def reshard_state(self, states: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+        """This rank's saved states where it saved any, else rank 0's (ranks past the saved ones then draw what
+        rank 0 draws: not the run an uninterrupted job of this size would make)."""
+        rank = rank_and_world()[0]
+        return states[rank if rank < len(states) else 0], "restored per rank where saved (else rank 0's)"
+
+
+@dataclass
+class Resize:
+    """How a checkpoint written by another number of ranks loads: each part's phrase, by part name."""
+
+    saved_world_size: int
+    world_size: int
+    notes: dict[str, str]
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {note}" for name, note in self.notes.items())
+        return f"a checkpoint of {ranks(self.saved_world_size)} on {ranks(self.world_size)}: {parts}"
+
+
+def ranks(n: int) -> str:
+    return f"{n} rank{'' if n == 1 else 's'}"
+
 
 class Checkpointer:
     """Saves and loads `parts` (in their order) under `root/step-N/<name>/`. Parts named in `optional` may be
@@ -167,16 +250,35 @@ class Checkpointer:
         dist.barrier()
         return final
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path) -> Resize | None:
+        """Load every part present. Written by another number of ranks: every part plans its load first, so one
+        that cannot load at this size refuses before anything loads; returns the plan (None at the same size)."""
         missing = self.missing_parts(path)
         if missing:
             raise FileNotFoundError(
                 f"{path}: not a complete checkpoint for this run: no {', '.join(missing)}"
             )
         present = {name: part for name, part in self.parts.items() if (path / name).is_dir()}
+        resize = self.plan_resize(path, present)
         for name, part in present.items():
             part.load(path / name)
         log.info("loaded %s from %s", ", ".join(present), path)
+        return resize
+
+    def plan_resize(self, path: Path, present: Mapping[str, CheckpointPart]) -> Resize | None:
+        """The number of ranks that wrote `path` (its `RankState` parts' files say; without any, this run's) and,
+        where it differs from this run's, each part's plan (`Resizable.plan_resize`; a part without one reshards
+        by itself: DCP, the memory bank)."""
+        world = rank_and_world()[1]
+        per_rank = [name for name, part in present.items() if isinstance(part, RankState)]
+        saved = saved_world_size(path / per_rank[0]) if per_rank else world
+        if saved == world:
+            return None
+        notes = {}
+        for name, part in present.items():
+            plan = getattr(part, "plan_resize", None)
+            notes[name] = plan(path / name, saved) if plan is not None else "resharded"
+        return Resize(saved, world, notes)
 
     def missing_parts(self, path: Path) -> list[str]:
         return [f"{n}/" for n in self.parts if n not in self.optional and not (path / n).is_dir()]

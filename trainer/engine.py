@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 # DeepSpeed's logger writes to stdout, and binds the stream when it is first imported: bind it to stderr, so stdout
 # carries only results (`lemur eval --json | jq`).
 with contextlib.redirect_stdout(sys.stderr):
     import deepspeed
+
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer  # noqa: E402
 
 from trainer.config.schema import Config
 
@@ -44,15 +48,16 @@ def bf16_mode(cfg: Config) -> str | None:
 
 def plain_zero0(cfg: Config) -> bool:
     """ZeRO 0 over the weights as they are (fp32, or bf16 autocast): the gradients sit in `param.grad` and the
-    client optimizer steps them directly. Not so with bf16 weights, where DeepSpeed's BF16_Optimizer keeps fp32
-    copies of weights and gradients of its own."""
+    client optimizer steps them directly. Not so with bf16 weights, where DeepSpeed's FP16_Optimizer (in bf16; its
+    BF16_Optimizer only with fp32 gradient accumulation, which this config never asks for) keeps fp32 copies of
+    weights and gradients of its own."""
     return cfg.distributed.zero_stage == 0 and bf16_mode(cfg) != "weights"
 
 
 def clips_itself(cfg: Config) -> bool:
     """With `plain_zero0` the trainer clips the dense gradients with torch's foreach clip (a few kernels for all
-    tensors); DeepSpeed's own clip there loops over the tensors in Python. ZeRO 1/2 and BF16_Optimizer clip their
-    flat fp32 copies themselves."""
+    tensors); DeepSpeed's own clip there loops over the tensors in Python. ZeRO 1/2 and the bf16-weights optimizer
+    clip their flat fp32 copies themselves."""
     return plain_zero0(cfg) and cfg.training.grad_clip > 0
 
 
@@ -150,7 +155,13 @@ ENGINE_TAG = "dense"
 class EngineState:
     """The DeepSpeed engine as a checkpoint part: weights, (ZeRO-partitioned) optimizer state and LR schedule, in
     DeepSpeed's own layout. `engine` is called at save and load time (a new training phase replaces the engine);
-    `optimizer=False` loads the weights only (eval, export)."""
+    `optimizer=False` loads the weights only (eval, export).
+
+    Another number of ranks: the weights are whole in DeepSpeed's model-states file (ZeRO 0-2), and so is the
+    optimizer state with ZeRO 0 (fp32 or bf16 autocast weights: the client optimizer; bf16 weights: DeepSpeed's
+    FP16_Optimizer in bf16, whose fp32 masters are whole too). ZeRO 1/2 keep one optimizer partition per rank,
+    which DeepSpeed refuses to load at another data-parallel size (its `elastic_checkpoint` too, in 0.19): they
+    are regathered here (`load_zero_partitions`). ZeRO 3 and DeepSpeed's BF16_Optimizer are refused up front."""
 
     def __init__(self, engine: Callable[[], deepspeed.DeepSpeedEngine], optimizer: bool = True) -> None:
         self.engine = engine
@@ -160,11 +171,118 @@ class EngineState:
         self.engine().save_checkpoint(str(directory), tag=ENGINE_TAG)
 
     def load(self, directory: Path) -> None:
-        path, _ = self.engine().load_checkpoint(
+        engine = self.engine()
+        partitions = zero_partition_files(directory)
+        regather = (
+            self.optimizer
+            and engine.zero_optimization_stage() in (1, 2)
+            and len(partitions) != dist.get_world_size(group=engine.optimizer.dp_process_group)
+        )
+        path, _ = engine.load_checkpoint(
             str(directory),
             tag=ENGINE_TAG,
-            load_optimizer_states=self.optimizer,
+            load_optimizer_states=self.optimizer and not regather,
             load_lr_scheduler_states=self.optimizer,
         )
         if path is None:
             raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint tagged {ENGINE_TAG!r}")
+        if regather:
+            load_zero_partitions(engine.optimizer, partitions)
+
+    def plan_resize(self, directory: Path, saved_world_size: int) -> str:
+        """How the dense state loads on another number of ranks, or why it cannot (before anything loads)."""
+        engine = self.engine()
+        stage = engine.zero_optimization_stage()
+        saved = saved_world_size
+        if not self.optimizer:
+            return "weights loaded"
+        if stage == 3:
+            raise ValueError(
+                f"{directory}: ZeRO 3 (distributed.zero_stage = 3) partitions the dense weights over the {saved} "
+                f"ranks that wrote them; resume this checkpoint on {saved} ranks"
+            )
+        if isinstance(engine.optimizer, BF16_Optimizer):
+            raise ValueError(
+                f"{directory}: DeepSpeed's BF16_Optimizer keeps one optimizer partition per rank, which loads only "
+                f"on the {saved} ranks that wrote it; resume on {saved} ranks (runs that must change size: "
+                'training.bf16_mode = "autocast", or distributed.zero_stage = 2)'
+            )
+        if stage == 0:
+            return "replicated (ZeRO 0) and loaded as saved"
+        partitions = zero_partition_files(directory)
+        if len(partitions) != saved:
+            raise FileNotFoundError(
+                f"{directory}: {len(partitions)} ZeRO optimizer partitions for a checkpoint of {saved} ranks"
+            )
+        if getattr(engine.optimizer, "round_robin_gradients", False) or getattr(
+            engine.optimizer, "parameter_alignment", False
+        ):
+            raise ValueError(
+                f"{directory}: with zero_optimization.round_robin_gradients or parameter_alignment the ZeRO "
+                "partitions are not the parameters end to end; they cannot be regathered"
+            )
+        return f"weights loaded and ZeRO {stage} optimizer partitions regathered"
+
+
+ZERO_PARTITION = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+
+
+def zero_partition_files(directory: Path) -> list[Path]:
+    """DeepSpeed's per-rank ZeRO optimizer files (`[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`), by rank."""
+    found = {}
+    for f in (directory / ENGINE_TAG).glob("*zero_pp_rank_*_optim_states.pt"):
+        match = ZERO_PARTITION.search(f.name)
+        if match:
+            found[int(match.group(1))] = f
+    if sorted(found) != list(range(len(found))):
+        raise FileNotFoundError(
+            f"{directory}: ZeRO optimizer partitions of ranks {sorted(found)}, not 0..N-1"
+        )
+    return [found[r] for r in range(len(found))]
+
+
+def load_zero_partitions(optimizer: Any, files: list[Path]) -> None:
+    """ZeRO 1/2 optimizer partitions saved by `len(files)` ranks, loaded into `optimizer`'s partitions at this
+    run's data-parallel size. In each parameter group, DeepSpeed's flat fp32 masters and optimizer state are the
+    parameters end to end (without zero_optimization.round_robin_gradients and parameter_alignment, both off in
+    `deepspeed_config`), padded at the end and cut into equal partitions, rank r taking [r * size, (r + 1) *
+    size). So the saved partitions (less their padding) laid end to end are the whole group, of which this rank
+    copies its slice: the same fp32 values and state, bit for bit, as DeepSpeed's own load at the same size. One
+    file in memory at a time."""
+    groups = len(optimizer.single_partition_of_fp32_groups)
+    masters = [torch.zeros_like(t, device="cpu") for t in optimizer.single_partition_of_fp32_groups]
+    states: list[dict[str, Any]] = [{} for _ in range(groups)]
+    offsets = [0] * groups
+    param_groups = None
+    for f in files:
+        saved = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        base = saved["base_optimizer_state"]
+        param_groups = param_groups or base["param_groups"]
+        for i in range(groups):
+            size = int(optimizer.partition_size[i])
+            start = dist.get_rank(group=optimizer.real_dp_process_group[i]) * size
+            fp32 = saved["single_partition_of_fp32_groups"][i]  # saved without its padding
+            n, offset = fp32.numel(), offsets[i]
+            lo, hi = max(start, offset), min(start + size, offset + n)
+            if lo < hi:
+                masters[i][lo - start : hi - start] = fp32[lo - offset : hi - offset]
+            for key, value in base["state"].get(i, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0:  # partitioned like the masters (and padded)
+                    mine = states[i].setdefault(key, torch.zeros(size, dtype=value.dtype))
+                    if lo < hi:
+                        mine[lo - start : hi - start] = value[lo - offset : hi - offset]
+                else:  # the step count: the same on every rank
+                    states[i].setdefault(key, value)
+            offsets[i] += n
+    for i, group in enumerate(optimizer.round_robin_bit16_groups):
+        expected = sum(p.numel() for p in group)
+        if offsets[i] != expected:
+            raise ValueError(
+                f"{files[0].parent}: parameter group {i} holds {offsets[i]} values, the model {expected}"
+            )
+    optimizer.optimizer.load_state_dict(
+        {"state": {i: s for i, s in enumerate(states) if s}, "param_groups": param_groups}
+    )
+    for current, master in zip(optimizer.single_partition_of_fp32_groups, masters):
+        current.data.copy_(master)
+    optimizer._link_all_hp_params()  # as DeepSpeed's own load does after the optimizer state

@@ -84,6 +84,12 @@ class TrainState:
         if state["phase"] != self.phase:
             self.enter_phase(state["phase"])
 
+    def reshard_state(self, states: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+        """Saved by another number of ranks: the step and phase are every rank's, so rank 0's."""
+        if any(s != states[0] for s in states):
+            raise ValueError(f"the saved ranks disagree on the step and phase: {states}")
+        return states[0], f"step {states[0]['step']} and phase {states[0]['phase']} from rank 0"
+
 
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, training: bool = True) -> None:
@@ -203,10 +209,13 @@ class Trainer:
 
     def resume(self, checkpoint: str) -> None:
         """Continue from `checkpoint` ('auto': the latest in the run directory, if any; none: from step 0). The
-        metrics logged after that step go: the run logs those steps again."""
+        metrics logged after that step go: the run logs those steps again. A checkpoint of another number of ranks
+        (or data workers) loads too, not bit-exact (see `Checkpointer.load` and the parts' `reshard_state`)."""
         path = self.checkpointer.resolve(checkpoint)
         if path is not None:
-            self.checkpointer.load(path)
+            resize = self.checkpointer.load(path)
+            if resize is not None and self.info.is_main:
+                log.warning("resuming %s (not bit-exact)", resize.describe())
             log.info("resumed at step %d", self.step)
         dropped = self.metrics.resume_at(self.step)
         if dropped:
@@ -217,7 +226,10 @@ class Trainer:
         path = self.checkpointer.resolve(checkpoint)
         if path is None:
             raise FileNotFoundError(f"no checkpoint under {self.checkpointer.root}")
-        Checkpointer(path.parent, self.checkpoint_parts(weights_only=True), optional=("bank",)).load(path)
+        parts = self.checkpoint_parts(weights_only=True)
+        resize = Checkpointer(path.parent, parts, optional=("bank",)).load(path)
+        if resize is not None:
+            log.info("loaded %s", resize.describe())
 
     def build_frozen_cache(self) -> None:
         """EM3's frozen-feature cache (model.frozen_cache), computed after any resume or weight load, so the frozen

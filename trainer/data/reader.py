@@ -277,20 +277,74 @@ class BatchStream:
             "readers": self.dataset.readers,
             "rank": self.dataset.rank,
             "world_size": self.dataset.world_size,
+            "batch_size": self.dataset.settings.batch_size,
             "skipped": dict(self.skipped),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("readers", "world_size"):
-            mine = self.dataset.readers if key == "readers" else self.dataset.world_size
-            if state[key] != mine:
-                raise ValueError(
-                    f"reader state was saved with {key}={state[key]} but this run has {mine}: "
-                    "an exact resume needs the same number of ranks and data workers"
+        """Exact with the same number of ranks and data workers. Another number of workers (same ranks): the
+        epoch restarts from the samples consumed, as in `reshard_state` (another number of ranks goes there)."""
+        ds = self.dataset
+        if state["world_size"] != ds.world_size:
+            raise ValueError(
+                f"reader state was saved with world_size={state['world_size']} but this run has "
+                f"{ds.world_size}: load it through reshard_state"
+            )
+        if state["readers"] != ds.readers:
+            saved_readers = state["readers"]
+            samples = state["batches"] * state.get("batch_size", ds.settings.batch_size) * ds.world_size
+            state = self.restart_state(state["epoch"], samples, Counter(state.get("skipped", {})))
+            if ds.rank == 0:
+                log.warning(
+                    "reader: saved with %d readers (data workers) per rank, this run has %d: restarts epoch %d "
+                    "at sample %d (not bit-exact)",
+                    saved_readers,
+                    ds.readers,
+                    state["epoch"],
+                    samples,
                 )
         self.epoch, self.batches = state["epoch"], state["batches"]
         self.positions = list(state["positions"])
         self.skipped = Counter(state.get("skipped", {}))
+
+    def reshard_state(self, states: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+        """This rank's position from the reader states of every rank of a run of another size (any number of
+        data workers): the same epoch, restarted from the samples the saved ranks had consumed in it (the sum of
+        their batches): this rank skips its share of whole batches. Deterministic, but not bit-exact: the shards
+        are dealt to the ranks and workers anew, so some samples of the epoch come again and others not at all
+        until the next epoch. The skip counts go to rank (saved rank % ranks)."""
+        ds = self.dataset
+        positions = {(s["epoch"], s["batches"]) for s in states}
+        if len(positions) != 1:
+            raise ValueError(
+                f"the saved reader states are at different positions (epoch, batches): {positions}"
+            )
+        epoch = states[0]["epoch"]
+        samples = sum(s["batches"] * s.get("batch_size", ds.settings.batch_size) for s in states)
+        skipped: Counter = Counter()
+        for saved_rank, s in enumerate(states):
+            if saved_rank % ds.world_size == ds.rank:
+                skipped.update(s.get("skipped", {}))
+        return self.restart_state(epoch, samples, skipped), f"restarts epoch {epoch} at sample {samples}"
+
+    def restart_state(self, epoch: int, samples: int, skipped: Counter) -> dict[str, Any]:
+        """A state at `samples` into `epoch` for this layout: every rank skips samples // (batch * ranks) whole
+        batches, dealt round-robin to its readers as the workers deliver them; each reader passes over the raw
+        samples of its batches (exact without bad samples; with them, a few samples come again)."""
+        ds = self.dataset
+        batch = ds.settings.batch_size
+        done = samples // (batch * ds.world_size)
+        per_reader = [done // ds.readers + (1 if r < done % ds.readers else 0) for r in range(ds.readers)]
+        return {
+            "epoch": epoch,
+            "batches": done,
+            "positions": [n * batch for n in per_reader],
+            "readers": ds.readers,
+            "rank": ds.rank,
+            "world_size": ds.world_size,
+            "batch_size": batch,
+            "skipped": dict(skipped),
+        }
 
     def __iter__(self) -> Iterator[Batch]:
         while self.epochs is None or self.epoch < self.epochs:
