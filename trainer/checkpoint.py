@@ -20,6 +20,7 @@ The directory must be on storage every rank sees (one machine, or a shared files
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
 import shutil
@@ -143,6 +144,35 @@ def saved_world_size(directory: Path) -> int:
     return saved
 
 
+LOW_SPACE = 64 * 2**20
+"""Free bytes under which a failed write is put down to a full disk."""
+
+
+def write_error(err: BaseException, path: Path) -> OSError:
+    """A failed checkpoint write as an error naming the path, and ENOSPC when the disk is full: torch.save and
+    DeepSpeed report a full disk as a bare 'basic_ios::clear: iostream error' or 'failed writing file'."""
+    free = free_bytes(path)
+    if getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free < LOW_SPACE):
+        left = "" if free is None else f", {free / 2**20:.0f} MiB free"
+        return OSError(
+            errno.ENOSPC,
+            f"no space left on device writing checkpoint {path}{left} ({err}); the partial checkpoint was removed "
+            "and the last complete one is kept",
+        )
+    return OSError(getattr(err, "errno", None) or errno.EIO, f"writing checkpoint {path}: {err}")
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space of the filesystem holding `path` (its nearest existing parent)."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            try:
+                return shutil.disk_usage(parent).free
+            except OSError:
+                return None
+    return None
+
+
 def rank_file(rank: int) -> str:
     return f"rank{rank:05d}.pt"
 
@@ -237,7 +267,11 @@ class Checkpointer:
             (partial / CONFIG_FILE).write_text(self.config_text)
         dist.barrier()
         for name, part in self.parts.items():
-            part.save(partial / name)
+            try:
+                part.save(partial / name)
+            except Exception as err:  # noqa: BLE001 - torch.save, DCP and DeepSpeed each raise their own kind
+                shutil.rmtree(partial, ignore_errors=True)  # never the latest: the last complete one stays
+                raise write_error(err, partial / name) from err
         dist.barrier()
         if rank == 0:
             shutil.rmtree(final, ignore_errors=True)
