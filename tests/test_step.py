@@ -188,3 +188,53 @@ def _non_finite_named(dataset: str, out: str) -> None:
 @pytest.mark.slow
 def test_a_non_finite_loss_stops_training_naming_its_step(small_dataset: Path, tmp_path: Path) -> None:
     in_process(_non_finite_named, str(small_dataset), str(tmp_path / "run"))
+
+
+def _rolls_back(dataset: str, out: str, rollbacks: int) -> None:
+    import json
+
+    from trainer.loop import NonFiniteLoss
+
+    overrides = [
+        "model.use_content=false",
+        "training.steps=12",
+        "training.checkpoint_every=4",
+        "training.eval_every=0",
+        "logging.log_every=2",
+        'training.on_nonfinite="rollback"',
+        f"training.max_rollbacks={rollbacks}",
+    ]
+    t = _trainer(dataset, overrides, out)
+    step = t.train_step
+    poisoned: list[int] = []
+
+    def diverging_step(batch: Any) -> torch.Tensor:  # step 6 blows the ranker's weights up once
+        loss = step(batch)
+        if t.step == 5 and not poisoned:
+            poisoned.append(t.step)
+            with torch.no_grad():
+                next(t.model.dense.ranker.parameters()).fill_(float("nan"))
+            return loss * float("nan")
+        return loss
+
+    t.train_step = diverging_step  # type: ignore[method-assign]
+    if rollbacks == 0:
+        with pytest.raises(NonFiniteLoss, match="step 6: .*after 0 rollbacks"):
+            t.fit()
+        return
+    results = t.fit()
+    assert results["rollbacks"] == [{"diverged": results["rollbacks"][0]["diverged"], "to_step": 4}]
+    assert "step 6" in results["rollbacks"][0]["diverged"]
+    assert all(bool(torch.isfinite(p).all()) for p in t.model.dense.parameters())
+    records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == [2, 4, 6, 8, 10, 12]  # the diverged window is gone, every step once
+    assert all(r["loss"] is not None for r in records if r["kind"] == "train")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rollbacks", [1, 0], ids=["rolls_back", "stops_past_max_rollbacks"])
+def test_a_non_finite_loss_rolls_back_to_the_last_checkpoint(
+    small_dataset: Path, tmp_path: Path, rollbacks: int
+) -> None:
+    in_process(_rolls_back, str(small_dataset), str(tmp_path / "run"), rollbacks)

@@ -51,11 +51,12 @@ class MetricsLogger:
         self.writer: Any = None
 
     def resume_at(self, step: int) -> int:
-        """The run continues after `step`: drops the later records (returns how many). Before the first `log`."""
+        """The run continues after `step` (a resume, or a rollback mid-run): drops the later records (returns how
+        many); the files reopen at the next record."""
         if not self.enabled:
             return 0
-        if self.jsonl is not None:
-            raise RuntimeError("MetricsLogger.resume_at: records were already written")
+        self.close()
+        self.jsonl = self.writer = None
         self.purge_step = step + 1
         return drop_records_after(self.out / "metrics.jsonl", step)
 

@@ -336,7 +336,12 @@ class Trainer:
             window.add(loss, batch.size)
             bar.update(1)
             if self.step % self.cfg.logging.log_every == 0 or self.step == cfg.steps:
-                values = self.log_train(window)  # the ranks also agree here whether to stop
+                try:
+                    values = self.log_train(window)  # the ranks also agree here whether to stop
+                except NonFiniteLoss as err:
+                    self.roll_back(err, results, bar)
+                    window = Window(self.step)
+                    continue
                 history.append(values["loss"])
                 bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
                 window = Window(self.step)
@@ -345,7 +350,12 @@ class Trainer:
                 self.log_eval(self.evaluate())
             checkpoint_step = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
             if (checkpoint_step and self.step < cfg.steps) or stop.requested:
-                self.step_losses(window)  # never a checkpoint after a non-finite loss (and agree again)
+                try:
+                    self.step_losses(window)  # never a checkpoint after a non-finite loss (and agree again)
+                except NonFiniteLoss as err:
+                    self.roll_back(err, results, bar)
+                    window = Window(self.step)
+                    continue
                 self.checkpointer.save(self.step)
             if stop.requested:
                 bar.close()
@@ -366,6 +376,32 @@ class Trainer:
             log.info("stage-1 encoders -> %s", save_encoders(self.model.dense, self.out_dir))
         log.info("%s", self.train_stream.report())
         return results
+
+    def roll_back(self, err: NonFiniteLoss, results: dict[str, Any], bar: Any) -> None:
+        """training.on_nonfinite = rollback: every rank (they all saw the same reduced losses) loads the last
+        checkpoint but its reader position, so the batches since then are skipped, and drops the metrics after it.
+        Re-raises `err` under on_nonfinite = stop, past max_rollbacks, or without a checkpoint to go back to."""
+        cfg = self.cfg.training
+        done = results.setdefault("rollbacks", [])
+        path = self.checkpointer.resolve("auto") if cfg.on_nonfinite == "rollback" else None
+        if cfg.on_nonfinite != "rollback":
+            raise err
+        if path is None or len(done) >= cfg.max_rollbacks:
+            why = "no checkpoint to roll back to" if path is None else f"after {len(done)} rollbacks"
+            raise NonFiniteLoss(f"{err} ({why})") from err
+        parts = {name: part for name, part in self.checkpoint_parts().items() if name != "reader"}
+        Checkpointer(path.parent, parts, optional=("bank",)).load(path)
+        self.metrics.resume_at(self.step)
+        done.append({"diverged": str(err), "to_step": self.step})
+        bar.n = self.step
+        log.warning(
+            "%s: rolled back to %s (step %d), skipping the batches read since (rollback %d of at most %d)",
+            err,
+            path.name,
+            self.step,
+            len(done),
+            cfg.max_rollbacks,
+        )
 
     def step_losses(self, window: Window) -> torch.Tensor:
         """The window's losses summed over ranks, one per step (float64, on the host): the only host sync of the

@@ -459,6 +459,13 @@ class TrainingConfig:
     costs about six kernels a parameter tensor and a host sync a step (on one H200 it took the lemur step from 74
     to 124 ms). Either way the trainer keeps every step's loss on the device and, at each log and checkpoint step,
     stops on an inf/NaN loss naming its step, before any checkpoint is written."""
+    on_nonfinite: str = "stop"
+    """What an inf/NaN training loss does once it is seen, at the next log or checkpoint step (the loss is never
+    read per step): stop (naming the step; no checkpoint is written after it) or rollback (load the last checkpoint's
+    weights, optimizer state, bank and RNG but keep the reader where it is, so the batches since the checkpoint are
+    skipped, and go on; at most max_rollbacks times in a run, then stop)."""
+    max_rollbacks: int = 3
+    """With on_nonfinite = rollback: rollbacks a run may make before it stops."""
     compile: bool = False
     """torch.compile the dense arch's blocks (content and query towers with the fusion, LONGER decoders, ranker):
     fewer, fused kernels; the first steps pay the compile time. Off: eager, the reference path."""
@@ -489,6 +496,8 @@ class TrainingConfig:
         check(self.eval_every >= 0 and self.checkpoint_every >= 0, f"{p}.eval_every", "must be >= 0")
         check(self.dtype in ("float32", "bfloat16"), f"{p}.dtype", "must be float32 or bfloat16 (not fp16)")
         check(self.bf16_mode in ("weights", "autocast"), f"{p}.bf16_mode", "must be weights or autocast")
+        check(self.on_nonfinite in ("stop", "rollback"), f"{p}.on_nonfinite", "must be stop or rollback")
+        check(self.max_rollbacks >= 0, f"{p}.max_rollbacks", "must be >= 0")
         check(self.sqdc_weight >= 0, f"{p}.sqdc_weight", "must be >= 0")
         check(self.sqdc_temperature > 0, f"{p}.sqdc_temperature", "must be > 0")
         check(self.cic_weight >= 0, f"{p}.cic_weight", "must be >= 0")
