@@ -238,3 +238,31 @@ def test_a_non_finite_loss_rolls_back_to_the_last_checkpoint(
     small_dataset: Path, tmp_path: Path, rollbacks: int
 ) -> None:
     in_process(_rolls_back, str(small_dataset), str(tmp_path / "run"), rollbacks)
+
+
+def _lr_multipliers(dataset: str, out: str) -> None:
+    from trainer.config import ConfigError
+
+    t = _trainer(dataset, ['optimizer.lr_multipliers={"content.text" = 0.1, query = 0.5}'], out)
+    dense = dict(t.model.dense.named_parameters())
+    rate = {id(p): g["lr"] for g in t.engine.optimizer.param_groups for p in g["params"]}
+    base = next(rate[id(p)] for n, p in dense.items() if n.startswith("ranker.") and p.requires_grad)
+    for name, param in dense.items():
+        if not param.requires_grad:
+            continue
+        expected = 0.1 if name.startswith("content.text.") else 0.5 if name.startswith("query.") else 1.0
+        assert rate[id(param)] == pytest.approx(base * expected), (
+            name
+        )  # the schedule scales every group alike
+    before = {n: p.detach().clone() for n, p in dense.items()}
+    t.train_step(next(iter(t.train_stream)))
+    assert any(not torch.equal(before[n], p) for n, p in dense.items() if n.startswith("content.text."))
+    t.cfg.optimizer.lr_multipliers = {"content.texts": 0.1}
+    with pytest.raises(ConfigError, match=r"\['content.texts'\] name no parameter"):
+        from trainer.engine import build_optimizer
+
+        build_optimizer(t.cfg, t.model.dense)
+
+
+def test_lr_multipliers_scale_each_parts_rate(small_dataset: Path, tmp_path: Path) -> None:
+    in_process(_lr_multipliers, str(small_dataset), str(tmp_path / "run"))

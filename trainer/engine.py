@@ -22,7 +22,7 @@ with contextlib.redirect_stdout(sys.stderr):
 
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer  # noqa: E402
 
-from trainer.config.schema import Config
+from trainer.config.schema import Config, ConfigError
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -90,15 +90,36 @@ def lr_lambda(cfg: Config, steps: int | None = None):  # type: ignore[no-untyped
     return factor
 
 
+def param_groups(cfg: Config, module: nn.Module) -> list[dict[str, Any]]:
+    """The trainable parameters, one group per learning rate (optimizer.lr_multipliers: the longest name prefix
+    wins), the base rate's group first (the one the log line reports)."""
+    multipliers = cfg.optimizer.lr_multipliers
+    named = list(module.named_parameters())
+    unknown = [k for k in multipliers if not any(n == k or n.startswith(k + ".") for n, _ in named)]
+    if unknown:
+        parts = sorted({n.split(".")[0] for n, _ in named})
+        raise ConfigError(
+            f"optimizer.lr_multipliers: {unknown} name no parameter of the dense arch (parts: {parts})"
+        )
+    groups: dict[float, list[nn.Parameter]] = {1.0: []}
+    for name, param in named:
+        if param.requires_grad:
+            matches = [k for k in multipliers if name == k or name.startswith(k + ".")]
+            factor = multipliers[max(matches, key=len)] if matches else 1.0
+            groups.setdefault(factor, []).append(param)
+    lr = cfg.optimizer.lr
+    return [{"params": params, "lr": lr * factor} for factor, params in groups.items() if params]
+
+
 def build_optimizer(cfg: Config, module: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in module.parameters() if p.requires_grad]
+    groups = param_groups(cfg, module)
     opt = cfg.optimizer
     # torch's fused kernels exist for CUDA and CPU parameters; off, the per-tensor loop (the reference).
-    fused = opt.fused and all(p.device.type in ("cuda", "cpu") for p in params)
+    fused = opt.fused and all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
     kernel: dict[str, bool] = {"fused": True} if fused else {"foreach": False}
     if opt.name == "sgd":
-        return torch.optim.SGD(params, lr=opt.lr, momentum=0.9, weight_decay=opt.weight_decay, **kernel)
-    return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay, **kernel)
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=0.9, weight_decay=opt.weight_decay, **kernel)
+    return torch.optim.AdamW(groups, lr=opt.lr, weight_decay=opt.weight_decay, **kernel)
 
 
 def skip_cpu_shm_comm_op() -> None:

@@ -420,9 +420,15 @@ class OptimizerConfig:
     """torch's fused AdamW / SGD kernel where the parameters' device has one (CUDA, CPU): one kernel updates every
     tensor instead of a dozen a tensor, and the step counter stays on the device (no host sync). False: the
     per-tensor loop, the reference."""
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    """Per part of the dense arch, a factor on lr (and so on its whole schedule): keys are parameter-name prefixes
+    of the dense arch, the longest match wins, e.g. {"content.text" = 0.05, query = 0.05} for pretrained text
+    towers next to a fresh ranker. Parts: content.text, content.vision, content.fusion, query, ranker, decoders,
+    query_token, dense_proj, cic. A key that names no parameter is an error."""
 
     def validate(self, p: str) -> None:
         check(self.name in ("adamw", "sgd"), f"{p}.name", "must be adamw or sgd")
+        check(all(f > 0 for f in self.lr_multipliers.values()), f"{p}.lr_multipliers", "factors must be > 0")
         check(self.lr > 0, f"{p}.lr", "must be > 0")
         check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
         check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
