@@ -46,7 +46,7 @@ def test_overrides_are_typed() -> None:
         ("data.batch_size=x", "data.batch_size must be int"),
         ("data.bad_input=maybe", "data.bad_input"),
         ("model.fusion=concat", "model.fusion"),
-        ("model.text_max_tokens=[4]", "model.text_max_tokens: needs one budget per text field"),
+        ("model.text_budgets={title = 0}", "model.text_budgets: budgets must be > 0"),
         ("model.text_tower.hidden=31", "model.text_tower.hidden: must be divisible by heads"),
         ("training.dtype=float16", "training.dtype"),
         ("data.synth.eval_share=1.5", "data.synth.eval_share"),

@@ -314,9 +314,10 @@ def test_text_padded_to_the_longest_row_encodes_like_the_budget(small_dataset: P
     vectors as padding to the budget, with less padding to compute on."""
     from trainer.data.collate import PAD_MULTIPLE
     from trainer.data.reader import make_batch_stream
+    from trainer.data.text_fields import with_dataset_text
     from trainer.models.fusion import ContentEncoder, QueryEncoder
 
-    cfg = small_config(small_dataset, "model.text_max_tokens=[48, 160, 48]")
+    cfg = with_dataset_text(small_config(small_dataset, "model.text_max_tokens=[48, 160, 48]"))
     full = next(iter(make_batch_stream(cfg, "eval")))
     trimmed = next(iter(make_batch_stream(cfg, "eval", pad_to_longest=True)))
     budgets = dict(zip(cfg.model.text_fields, cfg.model.text_max_tokens))

@@ -10,6 +10,7 @@ import torch
 from tests.conftest import small_config
 from trainer.data.reader import make_batch_stream
 from trainer.data.spec import read_spec
+from trainer.data.text_fields import with_dataset_text
 from trainer.models.model import build_model, plan_id_tables
 from trainer.step import LemurStep
 
@@ -25,6 +26,7 @@ TINY = [
 def test_model_trains_with_each_history_encoder(small_dataset: Path, encoder: str) -> None:
     torch.manual_seed(0)
     cfg = small_config(small_dataset, *TINY, f"model.history_encoder={encoder}", "training.sqdc_weight=0.1")
+    cfg = with_dataset_text(cfg)  # the dataset's text fields, as the trainer resolves them
     spec = read_spec(small_dataset)
     plan = plan_id_tables(spec, cfg.embeddings)
     stream = make_batch_stream(cfg, "train", epochs=1, table_rows=plan.rows)

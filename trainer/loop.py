@@ -33,6 +33,7 @@ from trainer.data.batch import Batch
 from trainer.data.item_catalog import ItemsParquet
 from trainer.data.reader import BatchStream, images_from_cache, make_batch_stream
 from trainer.data.spec import read_spec
+from trainer.data.text_fields import with_dataset_text
 from trainer.distributed import DistInfo, StopSignals
 from trainer.engine import (
     EngineState,
@@ -94,7 +95,9 @@ class TrainState:
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, training: bool = True) -> None:
         """`training` False: a trainer that only loads a checkpoint to score or export it, which writes nothing to
-        the run directory (the run's config.toml stays the one it trained with)."""
+        the run directory (the run's config.toml stays the one it trained with). Text fields, budgets and image use
+        the config leaves open are the dataset's (`with_dataset_text`), and so recorded in config.toml."""
+        cfg = with_dataset_text(cfg)
         self.cfg, self.info = cfg, info
         self.out_dir = Path(cfg.logging.out_dir)
         self.spec = read_spec(cfg.data.path)

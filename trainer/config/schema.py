@@ -174,10 +174,15 @@ class TowerConfig:
 class ModelConfig:
     """Towers, fusion and ranker."""
 
-    text_fields: list[str] = field(default_factory=lambda: ["title", "description", "ocr"])
-    """Item text fields the document tower reads (concatenated with SEP and per-field type embeddings)."""
-    text_max_tokens: list[int] = field(default_factory=lambda: [16, 48, 16])
-    """Token budget per text field, in the order of text_fields (LEMUR: title 31, OCR 124, ASR 12, cover OCR 12)."""
+    text_fields: list[str] = field(default_factory=list)
+    """Item text fields the document tower reads (concatenated, with a segment embedding per field); empty: the
+    dataset's own text fields, in dataset.json's order (`trainer/data/text_fields.py`)."""
+    text_max_tokens: list[int] = field(default_factory=list)
+    """Token budget per text field, in the order of text_fields; empty: text_budgets by field name, else derived from
+    the field's token counts in items.parquet (95th percentile). LEMUR: title 31, OCR 124, ASR 12, cover OCR 12."""
+    text_budgets: dict[str, int] = field(default_factory=dict)
+    """Token budget by field name, for the fields text_max_tokens does not give (presets name theirs here, so a
+    dataset with other fields gets budgets derived from its own text)."""
     query_max_tokens: int = 10
     """Token budget of the raw query (LEMUR: max 10)."""
     use_content: bool = True
@@ -244,13 +249,14 @@ class ModelConfig:
     without it). Memory: items x tokens (text) or images x patches (vision) x hidden x dtype bytes, on every rank."""
 
     def validate(self, p: str) -> None:
-        check(len(self.text_fields) > 0, f"{p}.text_fields", "needs at least one field")
         check(
-            len(self.text_max_tokens) == len(self.text_fields),
+            not (self.text_fields and self.text_max_tokens)
+            or len(self.text_max_tokens) == len(self.text_fields),
             f"{p}.text_max_tokens",
             f"needs one budget per text field ({len(self.text_fields)})",
         )
         check(all(t > 0 for t in self.text_max_tokens), f"{p}.text_max_tokens", "budgets must be > 0")
+        check(all(t > 0 for t in self.text_budgets.values()), f"{p}.text_budgets", "budgets must be > 0")
         check(self.query_max_tokens > 0, f"{p}.query_max_tokens", "must be > 0")
         for name in ("text_tower", "query_tower", "vision_tower"):
             getattr(self, name).validate(f"{p}.{name}")

@@ -39,6 +39,7 @@ from trainer.data.decode import BadSample, Limits, RawSample, SkipCounter, parse
 from trainer.data.item_tokens import ItemTokens, load_item_tokens
 from trainer.data.shard_lists import ShardRef, assign_shards, epoch_order, expand_shards, reader_sample_counts
 from trainer.data.spec import DatasetSpec, read_spec
+from trainer.data.text_fields import with_dataset_text
 from trainer.data.tokenizer import resolve_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -426,8 +427,9 @@ def make_batch_stream(
     these table rows in the reader (what the trainer's sharded tables read); `raw_histories`: also keep the
     histories' raw item ids (`Batch.raw_histories`); `pad_to_longest`: text fields padded to the batch's longest
     row, not their budget (`CollateSpec.pad_to_longest`)."""
+    spec = read_spec(cfg.data.path)
+    cfg = with_dataset_text(cfg, spec)  # the dataset's text fields and budgets where the config leaves them
     data, model = cfg.data, cfg.model
-    spec = read_spec(data.path)
     pattern = data.train_shards if split == "train" else data.eval_shards
     shards = expand_shards(pattern, data.path, split, spec, strict=data.bad_input == "error")
     tokenizer = resolve_tokenizer(data.tokenizer, data.path, spec.text, data.vocab_size)
