@@ -266,3 +266,35 @@ def _lr_multipliers(dataset: str, out: str) -> None:
 
 def test_lr_multipliers_scale_each_parts_rate(small_dataset: Path, tmp_path: Path) -> None:
     in_process(_lr_multipliers, str(small_dataset), str(tmp_path / "run"))
+
+
+def _new_item_embedding(dataset: str, out: str) -> None:
+    from dataclasses import replace
+
+    t = _trainer(dataset, ["model.item_id_dropout=0.25"], out)
+    dense = t.model.dense
+    batch = next(iter(t.train_stream))
+    with torch.no_grad():
+        dense.new_item.fill_(7.0)
+    target = torch.randn(4000, dense.new_item.numel())
+    many = replace(batch, cold=torch.zeros(4000, dtype=torch.bool))
+    dense.train()
+    torch.manual_seed(0)
+    replaced = (dense.target_id_embedding(many, target) == 7.0).all(1).float().mean()
+    assert 0.22 < float(replaced) < 0.28  # a random quarter of the rows in training
+    dense.eval()
+    cold = torch.arange(4000) % 3 == 0
+    out_eval = dense.target_id_embedding(replace(batch, cold=cold), target)
+    assert bool((out_eval[cold] == 7.0).all()) and torch.equal(
+        out_eval[~cold], target[~cold]
+    )  # new items only
+    dense.train()
+    loss, _ = t.forward(batch)
+    loss.backward()
+    assert dense.new_item.grad is not None  # it trains (and always has a gradient: no unused parameter)
+
+
+def test_item_id_dropout_stands_a_learned_new_item_embedding_in_for_the_id(
+    small_dataset: Path, tmp_path: Path
+) -> None:
+    in_process(_new_item_embedding, str(small_dataset), str(tmp_path / "run"))

@@ -234,6 +234,11 @@ class ModelConfig:
     """EM3's CIC: the ID embeddings concatenated into the item's ID vector (item_id and pooled id features)."""
     cic_dim: int = 32
     """CIC: size of the content and ID projection heads' outputs."""
+    item_id_dropout: float = 0.0
+    """Cold start: > 0 gives the model a learned "new item" embedding that stands in for the target's item-ID
+    embedding in the ranker's input, for a random share p of the rows in training and for every item absent from
+    training (`cold`) in eval and serving, whose ID row never trained. The model so learns to score an item from its
+    content and its other features alone. 0: off (the ID embedding always)."""
     ranker: str = "rankmixer"
     """rankmixer or dlrm_mlp (the papers' baseline); `trainer/config/registry.py`: RANKERS."""
     ranker_tokens: int = 8
@@ -266,6 +271,7 @@ class ModelConfig:
         check_choice(self.ranker, f"{p}.ranker", RANKERS)
         check(all(n > 0 for n in self.max_history.values()), f"{p}.max_history", "lengths must be > 0")
         check(self.cic_dim > 0, f"{p}.cic_dim", "must be > 0")
+        check(0.0 <= self.item_id_dropout < 1.0, f"{p}.item_id_dropout", "must be in [0, 1)")
         check(len(self.cic_features) > 0, f"{p}.cic_features", "needs at least one feature")
         check(
             not (self.freeze_content and self.stop_gradient),

@@ -107,6 +107,9 @@ class DenseArch(nn.Module):
         search = model.use_content and spec.query_text
         self.query = QueryEncoder(model, vocab_size, pad_token_id) if search else None
         self.dense_proj = nn.Linear(len(spec.dense), dim) if spec.dense else None
+        self.item_id_dropout = model.item_id_dropout
+        self.new_item = nn.Parameter(torch.zeros(dim)) if model.item_id_dropout > 0 else None
+        """The learned stand-in for the item-ID embedding of a new item (model.item_id_dropout)."""
         context_dim = (len(pooled_features) + 1 + (1 if spec.dense else 0)) * dim
         if self.content is not None:
             context_dim += model.content_dim
@@ -169,7 +172,7 @@ class DenseArch(nn.Module):
 
     def forward(self, batch: Batch, embedded: Embedded, content: torch.Tensor | None = None) -> DenseOutput:
         """`content`: the target items' content vectors when the caller already encoded them (memory bank)."""
-        context = [embedded.pooled, embedded.target]
+        context = [embedded.pooled, self.target_id_embedding(batch, embedded.target)]
         if self.dense_proj is not None:
             context.append(self.dense_proj(batch.dense))
         if content is None:
@@ -190,6 +193,18 @@ class DenseArch(nn.Module):
         logits = self.ranker(torch.cat([context_vector, *histories], dim=-1))
         cic = self.cic_projections(embedded, content) if self.cic is not None else None
         return DenseOutput(logits, content, query, cic)
+
+    def target_id_embedding(self, batch: Batch, target: torch.Tensor) -> torch.Tensor:
+        """The target's item-ID embedding as the ranker reads it: the new-item embedding instead for a random share
+        of the rows in training, and for items absent from training (`batch.cold`) otherwise. The draw is on the
+        device (no host sync)."""
+        if self.new_item is None:
+            return target
+        if self.training:
+            new = torch.rand(target.shape[0], device=target.device) < self.item_id_dropout
+        else:
+            new = batch.cold.to(device=target.device, dtype=torch.bool)
+        return torch.where(new[:, None], self.new_item.to(target.dtype).expand_as(target), target)
 
     def ranked(self, vectors: torch.Tensor | None) -> torch.Tensor | None:
         """Content/query vectors as the ranker reads them: detached under model.stop_gradient."""
