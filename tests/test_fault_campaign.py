@@ -17,16 +17,15 @@ import gzip
 import io
 import json
 import random
-import signal
 import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.conftest import small_config
+from tests.test_bad_input import Hang, deadline
 from trainer.data.decode import MAX_MEMBER_BYTES, BadSample
 from trainer.data.reader import NoProgress, make_batch_stream
 from trainer.data.spec import ShardInfo, read_spec, write_spec
@@ -305,24 +304,6 @@ def mutants(bases: list[Base], seed: int = SEED) -> Iterator[Mutant]:
 
 
 # ---------------------------------------------------------------------------------------------- the reading
-
-
-class Hang(BaseException):
-    """Past the timeout (a BaseException, so no `except Exception` in the reader swallows it)."""
-
-
-@contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    def fire(signum: int, frame: object) -> None:
-        raise Hang()
-
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass

@@ -191,7 +191,8 @@ def test_text_padding_does_not_change_outputs() -> None:
     torch.testing.assert_close(real_a, real_b, atol=1e-5, rtol=1e-5)
 
 
-def test_pretrained_text_tower_round_trip(tmp_path: Path) -> None:
+def small_bert() -> BertModel:
+    """A 2-block BERT of hidden 32 with 40 positions and 2 segments, as a checkpoint to load."""
     config = BertConfig(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -201,7 +202,11 @@ def test_pretrained_text_tower_round_trip(tmp_path: Path) -> None:
         max_position_embeddings=40,
         type_vocab_size=2,
     )
-    saved = BertModel(config, add_pooling_layer=False)
+    return BertModel(config, add_pooling_layer=False)
+
+
+def test_pretrained_text_tower_round_trip(tmp_path: Path) -> None:
+    saved = small_bert()
     saved.save_pretrained(tmp_path)
     loaded = TextTower(tower(layers=5, pretrained=str(tmp_path)), VOCAB, 3, 30, PAD).encoder
     assert loaded.config.num_hidden_layers == 2
@@ -220,15 +225,7 @@ def test_pretrained_text_tower_round_trip(tmp_path: Path) -> None:
 
 def test_a_pretrained_tower_saved_in_bf16_trains_in_fp32(tmp_path: Path) -> None:
     """Published checkpoints are often bf16; transformers loads their dtype, which crashed fp32 training."""
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=40,
-    )
-    BertModel(config, add_pooling_layer=False).to(torch.bfloat16).save_pretrained(tmp_path)
+    small_bert().to(torch.bfloat16).save_pretrained(tmp_path)
     text = TextTower(tower(pretrained=str(tmp_path)), VOCAB, 1, 30, PAD)
     assert {p.dtype for p in text.parameters()} == {torch.float32}
     ids = torch.randint(3, VOCAB, (2, 6))

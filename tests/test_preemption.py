@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import small_config
-from tests.test_train import FAST_MODEL, metrics
+from tests.test_train import FAST_MODEL, join_ranks, metrics, rank_environment
 from trainer.distributed import StopSignals, free_port
 from trainer.logger import MetricsLogger, drop_records_after
 
@@ -92,10 +92,7 @@ def _worker(
 ) -> None:
     """One rank of `train()`. `signal_before_step` {rank: step}: that rank sends itself SIGTERM as it starts that
     step (a real signal, at a known point), and then again in the middle of every checkpoint save."""
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    os.environ["OMP_NUM_THREADS"] = "1"
+    rank_environment(rank, 2, port)
     from trainer import checkpoint
     from trainer.loop import Trainer
     from trainer.train import train
@@ -132,13 +129,7 @@ def run(
     procs = [ctx.Process(target=_worker, args=(r, *args)) for r in range(2)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(300)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert codes == [0, 0], f"train processes exited with {codes}"
+    join_ranks(procs, 300)
 
 
 def train_losses(out: Path) -> dict[int, float]:

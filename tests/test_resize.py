@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import small_config
-from tests.test_train import FAST_MODEL, metrics
+from tests.test_train import FAST_MODEL, join_ranks, metrics, rank_environment
 from trainer.checkpoint import Checkpointer, RankState, RngState, rank_file
 from trainer.distributed import free_port
 
@@ -140,14 +139,7 @@ def _worker(
     rank: int, world_size: int, port: int, dataset: str, overrides: list[str], resume: str | None, dump: str
 ) -> None:
     """One rank of `train()`; after a resume it writes what it loaded to `dump/rank{rank}.pt`."""
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
+    rank_environment(rank, world_size, port)
     from trainer.checkpoint import ModelState
     from trainer.loop import Trainer
     from trainer.train import train
@@ -213,13 +205,7 @@ def run(
     procs = [ctx.Process(target=_worker, args=(r, *args)) for r in range(world_size)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(300)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert codes == [0] * world_size, f"train processes exited with {codes}"
+    join_ranks(procs, 300)
 
 
 def assert_loaded_the_checkpoint(checkpoint: Path, dump: Path, world_size: int) -> None:

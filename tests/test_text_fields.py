@@ -4,7 +4,6 @@ or derived from the field's token counts in items.parquet; an imported dataset t
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +11,7 @@ import pytest
 import tomllib
 
 from tests.test_import import _image, _import, _interactions_table, _item_ids, _write
+from tests.test_train import join_ranks, rank_environment
 from trainer.config import ConfigError, load_config
 from trainer.data.text_fields import MIN_BUDGET, with_dataset_text
 
@@ -45,10 +45,7 @@ def test_the_dataset_names_the_fields_and_its_text_sets_the_budgets(tmp_path: Pa
 
 
 def _train(data: str, out: str, port: int) -> None:
-    os.environ.update(
-        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    os.environ["OMP_NUM_THREADS"] = "1"
+    rank_environment(0, 1, port)
     from trainer.train import train
 
     overrides = [
@@ -74,7 +71,6 @@ def test_an_imported_dataset_with_its_own_text_fields_trains_with_no_model_overr
     out = tmp_path / "run"
     p = mp.get_context("spawn").Process(target=_train, args=(str(data), str(out), free_port()))
     p.start()
-    p.join(300)
-    assert p.exitcode == 0
+    join_ranks([p], 300)
     recorded = tomllib.loads((out / "config.toml").read_text())["model"]
     assert recorded["text_fields"] == ["name", "blurb"] and len(recorded["text_max_tokens"]) == 2

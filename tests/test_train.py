@@ -39,17 +39,33 @@ FAST_MODEL = [
 ]
 
 
-def _worker(
-    rank: int, world_size: int, port: int, dataset: str, overrides: list[str], resume: str | None
-) -> None:
+def rank_environment(rank: int, world_size: int, port: int) -> None:
+    """What torchrun sets for one rank on this host (and one thread a process: the tests share two cores)."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
     )
-    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def join_ranks(procs: list[mp.Process], timeout: float = 600) -> None:
+    """Wait for every rank, kill the ones still running, and fail unless all exited 0."""
+    for p in procs:
+        p.join(timeout)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert codes == [0] * len(procs), f"train processes exited with {codes}"
+
+
+def _worker(
+    rank: int, world_size: int, port: int, dataset: str, overrides: list[str], resume: str | None
+) -> None:
+    rank_environment(rank, world_size, port)
     from trainer.train import train
 
     train(small_config(dataset, *FAST_MODEL, *overrides), resume=resume)
@@ -72,14 +88,7 @@ def launch(
 def run(
     dataset: Path, overrides: list[str], world_size: int = 2, resume: str | None = None, timeout: float = 600
 ) -> None:
-    procs = launch(dataset, overrides, world_size, resume)
-    for p in procs:
-        p.join(timeout)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert codes == [0] * world_size, f"train processes exited with {codes}"
+    join_ranks(launch(dataset, overrides, world_size, resume), timeout)
 
 
 def metrics(out_dir: Path, kind: str) -> dict[int, dict]:

@@ -97,10 +97,10 @@ class Trainer:
         """`training` False: a trainer that only loads a checkpoint to score or export it, which writes nothing to
         the run directory (the run's config.toml stays the one it trained with). Text fields, budgets and image use
         the config leaves open are the dataset's (`with_dataset_text`), and so recorded in config.toml."""
-        cfg = with_dataset_text(cfg)
+        self.spec = read_spec(cfg.data.path)
+        cfg = with_dataset_text(cfg, self.spec)
         self.cfg, self.info = cfg, info
         self.out_dir = Path(cfg.logging.out_dir)
-        self.spec = read_spec(cfg.data.path)
         self.plan = plan_id_tables(self.spec, cfg.embeddings)
         self.train_stream = self.batches("train", pin_memory=info.device.type == "cuda")
         collator = self.train_stream.dataset.collator

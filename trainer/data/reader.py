@@ -434,6 +434,9 @@ def make_batch_stream(
     shards = expand_shards(pattern, data.path, split, spec, strict=data.bad_input == "error")
     tokenizer = resolve_tokenizer(data.tokenizer, data.path, spec.text, data.vocab_size)
     images = data.images_per_sample if model.use_images else 0
+    pixels = not images_from_cache(
+        cfg
+    )  # the frozen-feature cache serves the images: none decoded, none carried
     settings = ReaderSettings(
         batch_size=data.batch_size,
         training=split == "train",
@@ -441,7 +444,7 @@ def make_batch_stream(
         shuffle_buffer=data.shuffle_buffer,
         seed=data.seed,
         bad_input=data.bad_input,
-        limits=Limits(data.max_text_chars, data.image_size, images, not images_from_cache(cfg)),
+        limits=Limits(data.max_text_chars, data.image_size, images, decode_images=pixels),
         split=split,
     )
     collate = collate_spec(
@@ -456,7 +459,7 @@ def make_batch_stream(
         pad_to_longest,
         data.text_buckets,
     )
-    collate.pixels = not images_from_cache(cfg)
+    collate.pixels = pixels
     items = load_item_tokens(Path(data.path) / "items.parquet", tokenizer, collate.text_fields)
     dataset = ShardDataset(shards, spec, collate, tokenizer, settings, rank, world_size, items)
     return BatchStream(dataset, pin_memory=pin_memory, epochs=epochs if split == "train" else 1)
