@@ -147,7 +147,7 @@ def child(args: argparse.Namespace) -> None:
         workers, cfg.data.num_workers = cfg.data.num_workers, 0
         preload = iter(trainer.batches("train"))
         cfg.data.num_workers = workers
-        batches = [next(preload).to(device, non_blocking=True) for _ in range(args.preload)]
+        batches = [trainer.to_device(next(preload)) for _ in range(args.preload)]
 
         def steps(n: int, source: Any = None) -> float:
             sync(device)

@@ -256,9 +256,13 @@ class Trainer:
         """The step module on this rank's batch (already on the device) at the current step."""
         return self.dmp(batch, self.step, mode)
 
+    def to_device(self, batch: Batch) -> Batch:
+        """The reader's batch (pinned host memory) on this rank's device."""
+        return batch.to(self.info.device, non_blocking=True)
+
     def train_step(self, batch: Batch) -> torch.Tensor:
         with record_function("h2d"):
-            batch = batch.to(self.info.device, non_blocking=True)
+            batch = self.to_device(batch)
         with self.flops.measure(self.step):
             loss, output = self.forward(batch)
             with record_function("backward"):
@@ -297,7 +301,7 @@ class Trainer:
         self.engine.eval()
         accumulator = EvalAccumulator()
         for batch in self.batches("eval"):
-            batch = batch.to(self.info.device, non_blocking=True)
+            batch = self.to_device(batch)
             _, out = self.forward(batch, SERVE if from_bank else EVAL)
             accumulator.add(
                 out.logits.float(), batch.labels[:, 0], batch.user_id, batch.query_id, batch.cold, batch.valid
