@@ -186,7 +186,7 @@ def child(args: argparse.Namespace) -> None:
                 flops / (result["step_ms"] / 1e3) / PEAK_BF16 if device.type == "cuda" else None
             )
         if args.reader:
-            stream = iter(trainer.train_stream)
+            stream = iter(trainer.inputs)
             steps(args.reader_warmup, stream)
             seconds = steps(args.reader_steps, stream)
             result["reader_samples_per_s"] = (
@@ -252,15 +252,19 @@ def profile_steps(trainer: Any, batches: list[Any], device: Any, n: int) -> dict
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
     count = lambda names: sum(1 for e in cpu if e.name in names)  # noqa: E731
     phases = {p: 0.0 for p in PHASES}
+    host = {p: 0.0 for p in PHASES}
     for e in cpu:
+        if e.name in phases and getattr(e, "is_user_annotation", True):
+            host[e.name] += (e.time_range.end - e.time_range.start) / 1e3
         if e.name in phases and e.name != "backward" and getattr(e, "is_user_annotation", True):
             phases[e.name] += device_time(e) / 1e3
         elif e.name.startswith("autograd::engine::evaluate_function"):  # backward runs on autograd's threads
             phases["backward"] += device_time(e) / 1e3
     callers: collections.Counter = collections.Counter()
+    python = [e for e in cpu if ".py(" in e.name]
     for e in cpu:
         if e.name in SYNC_CALLS:
-            callers[sync_caller(e)] += 1
+            callers[sync_caller(e, python)] += 1
     return {
         "sync_callers": {k: v / n for k, v in callers.most_common() if v},
         "kernel_ms": union_ms([(e.time_range.start, e.time_range.end) for e in on_gpu]) / n,
@@ -270,21 +274,48 @@ def profile_steps(trainer: Any, batches: list[Any], device: Any, n: int) -> dict
         "item_calls_per_step": count({"aten::_local_scalar_dense"}) / n,
         "nonzero_per_step": count({"aten::nonzero"}) / n,
         "phase_gpu_ms": {p: v / n for p, v in phases.items()},
+        "phase_host_ms": {p: v / n for p, v in host.items()},
+        "top_host_ops": top_host_ops(prof, n),
         "cpu_ops_per_step": sum(1 for e in cpu if e.name.startswith("aten::")) / n,
         "torch_version": torch.__version__,
     }
 
 
-def sync_caller(event: Any) -> str:
-    """The op (if any) and the nearest Python lines outside torch that made a stream sync."""
-    op, lines = None, []
+def top_host_ops(prof: Any, n: int, k: int = 12) -> list[tuple[str, float, float]]:
+    """The ops with the most host time of their own (µs a step) and their calls a step: where the host's share of
+    a launch-bound step goes."""
+    rows = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    rows.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [(e.key, e.self_cpu_time_total / n, e.count / n) for e in rows[:k]]
+
+
+def sync_caller(event: Any, python: list[Any]) -> str:
+    """The op (if any) and the innermost Python lines outside torch that made a stream sync (the Python frames
+    around it in time on its thread: the profiler does not parent ops to them); on autograd's thread (no Python
+    there) the backward function instead, or the outermost op."""
+    op, lines, outer = None, [], None
     parent = event.cpu_parent
-    while parent is not None and len(lines) < 2:
+    while parent is not None:
         if op is None and parent.name.startswith("aten::"):
             op = parent.name
-        elif ".py(" in parent.name and "torch/" not in parent.name and "<built-in" not in parent.name:
-            lines.append(parent.name.split("site-packages/")[-1].split(str(ROOT) + "/")[-1])
+        elif parent.name.startswith("autograd::engine::evaluate_function") and not lines:
+            lines.append(parent.name.split(": ", 1)[-1])
+        outer = parent.name
         parent = parent.cpu_parent
+    start, end = event.time_range.start, event.time_range.end
+    around = [
+        p
+        for p in python
+        if p.thread == event.thread
+        and p.time_range.start <= start
+        and p.time_range.end >= end
+        and "torch/" not in p.name.split("site-packages/")[-1][:6]
+        and "<built-in" not in p.name
+    ]
+    around.sort(key=lambda p: p.time_range.start, reverse=True)
+    lines += [p.name.split("site-packages/")[-1].split(str(ROOT) + "/")[-1] for p in around[:3]]
+    if op is not None and not lines and outer is not None and outer != op:
+        lines.append(outer)
     return " <- ".join([op or "no op"] + lines) if op or lines else "the profile's closing sync"
 
 
@@ -322,6 +353,7 @@ def sync_sources(trainer: Any, batch: Any) -> list[list[Any]]:
     library's). Read from a dispatch mode, so it works on CPU runs too."""
     import collections
     import traceback
+    import warnings
 
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -351,24 +383,38 @@ def sync_sources(trainer: Any, batch: Any) -> list[list[Any]]:
             kwargs = kwargs or {}
             if syncs(func, args, kwargs):
                 frames = traceback.extract_stack()[:-2]
-                mine = [
-                    f for f in frames if f"{ROOT}/trainer" in f.filename or f"{ROOT}/embeddings" in f.filename
-                ]
-                lib = [
-                    f for f in frames if any(k in f.filename for k in ("torchrec/", "deepspeed/", "fbgemm"))
-                ]
-                deepest_lib = (
-                    lib[-1:] if lib and (not mine or frames.index(lib[-1]) > frames.index(mine[-1])) else []
-                )
-                where = [f"{Path(f.filename).name}:{f.lineno}" for f in mine[-1:]]
-                where += [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in deepest_lib]
-                counts[(str(func).split(".")[1], " <- ".join(where))] += 1
+                counts[(str(func).split(".")[1], " <- ".join(where_from(frames)))] += 1
             return func(*args, **kwargs)
 
-    with Spy():
-        trainer.train_step(batch)
+    def cuda_sync(message: Any, *args: Any, **kwargs: Any) -> None:
+        """torch's own sync debug mode flags what the spy cannot see: copies from pageable host memory."""
+        if "synchroniz" in str(message):
+            frames = traceback.extract_stack()[:-1]
+            counts[("cuda sync", " <- ".join(where_from(frames)))] += 1
+
+    shown = warnings.showwarning
+    with Spy(), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = cuda_sync
+        if on_gpu:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train_step(batch)
+        finally:
+            if on_gpu:
+                torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
         trainer.step += 1
     return [[op, where, n] for (op, where), n in counts.most_common()]
+
+
+def where_from(frames: list[Any]) -> list[str]:
+    """Our innermost calling line, then the library's below it (if deeper)."""
+    mine = [f for f in frames if f"{ROOT}/trainer" in f.filename or f"{ROOT}/embeddings" in f.filename]
+    lib = [f for f in frames if any(k in f.filename for k in ("torchrec/", "deepspeed/", "fbgemm"))]
+    deepest_lib = lib[-1:] if lib and (not mine or frames.index(lib[-1]) > frames.index(mine[-1])) else []
+    where = [f"{Path(f.filename).name}:{f.lineno}" for f in mine[-1:]]
+    return where + [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in deepest_lib]
 
 
 def count_flops(trainer: Any, batch: Any) -> dict[str, Any]:
@@ -489,6 +535,29 @@ def markdown(report: dict[str, Any]) -> str:
             + " | ".join(f"{phases[p]:.1f}" for p in PHASES)
             + f" | {idle:.1f} |"
         )
+    if any("phase_host_ms" in r for r in report["runs"]):
+        lines += [
+            "",
+            "Host time per phase (ms per step, wall time of the Python that issues the phase; a step whose "
+            "host total is near its step time is bound by the host):",
+            "",
+        ]
+        lines.append("| variant | GPUs | " + " | ".join(PHASES) + " | host total | step |")
+        lines.append("|---|---:|" + "---:|" * (len(PHASES) + 2))
+        for r in report["runs"]:
+            host = r.get("phase_host_ms")
+            if host:
+                lines.append(
+                    f"| {r['variant']} | {r['gpus']} | "
+                    + " | ".join(f"{host[p]:.1f}" for p in PHASES)
+                    + f" | {sum(host.values()):.1f} | {r['step_ms']:.1f} |"
+                )
+        lines += ["", "Ops with the most host time of their own (µs a step, calls a step):", ""]
+        for r in report["runs"]:
+            top = ", ".join(
+                f"{name} {us:,.0f} ({calls:g})" for name, us, calls in r.get("top_host_ops", [])[:8]
+            )
+            lines.append(f"- {r['variant']} x{r['gpus']}: {top or '-'}")
     lines += ["", "Where the host waits for the device (one step, ops that sync, by calling line):", ""]
     for r in report["runs"]:
         top = ", ".join(f"{op} x{n} ({where or '?'})" for op, where, n in r.get("sync_sources", [])[:8])

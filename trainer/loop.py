@@ -31,6 +31,7 @@ from trainer.config import Config, ConfigError, config_to_toml
 from trainer.content import EVAL, SERVE, TRAIN, BankContent, ContentSource, build_content_source
 from trainer.data.batch import Batch
 from trainer.data.item_catalog import ItemsParquet
+from trainer.data.prefetch import DevicePrefetcher
 from trainer.data.reader import BatchStream, images_from_cache, make_batch_stream
 from trainer.data.spec import read_spec
 from trainer.data.text_fields import with_dataset_text
@@ -103,6 +104,12 @@ class Trainer:
         self.out_dir = Path(cfg.logging.out_dir)
         self.plan = plan_id_tables(self.spec, cfg.embeddings)
         self.train_stream = self.batches("train", pin_memory=info.device.type == "cuda")
+        self.inputs: DevicePrefetcher | BatchStream = (
+            DevicePrefetcher(self.train_stream, self.to_device, info.device)
+            if cfg.training.prefetch
+            else self.train_stream
+        )
+        """What the loop iterates and checkpoints: the reader, with the next batch in flight (`training.prefetch`)."""
         collator = self.train_stream.dataset.collator
         seed_everything(cfg.training.seed)
         model = build_model(
@@ -206,7 +213,7 @@ class Trainer:
         if self.bank is not None:
             parts["bank"] = self.bank
         if not weights_only:
-            parts["reader"] = RankState(self.train_stream)
+            parts["reader"] = RankState(self.inputs)
             parts["rng"] = RankState(RngState())
         return parts
 
@@ -325,7 +332,7 @@ class Trainer:
         if self.step == 0 and self.content_source is not None:
             self.content_source.start(self.step)
         self.build_frozen_cache()
-        batches = iter(self.train_stream)
+        batches = iter(self.inputs)
         show = self.info.is_main and self.cfg.logging.progress_bar
         # Redrawn often on a terminal; in a log file a line every 30 s is plenty.
         interval = 0.5 if sys.stderr.isatty() else 30.0
@@ -449,7 +456,7 @@ class Trainer:
         mfu = self.flops.mfu(window.steps / seconds)
         if mfu is not None:
             values["mfu"] = mfu
-        values["skipped_samples"] = float(sum(self.train_stream.skipped.values()))
+        values["skipped_samples"] = float(sum(self.inputs.skipped.values()))
         if self.content_source is not None:
             values.update(self.content_source.metrics(self.info.device))
         self.metrics.log(self.step, "train", values)

@@ -484,6 +484,10 @@ class TrainingConfig:
     skipped, and go on; at most max_rollbacks times in a run, then stop)."""
     max_rollbacks: int = 3
     """With on_nonfinite = rollback: rollbacks a run may make before it stops."""
+    prefetch: bool = True
+    """Pipelined input: the next batch is read and copied to the device (on a side CUDA stream) while this one
+    trains (`trainer/data/prefetch.py`); the checkpointed reader state leaves the batch in flight unconsumed.
+    Off: each batch is read and copied when its step begins (the reference)."""
     compile: bool = False
     """torch.compile the dense arch's blocks (content and query towers with the fusion, LONGER decoders, ranker):
     fewer, fused kernels; the first steps pay the compile time. Off: eager, the reference path."""
