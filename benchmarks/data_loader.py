@@ -8,6 +8,10 @@ Modes (the shard shapes of the `lemur` and `em3` presets, on small synthetic dat
   em3-image    EM3: one 224x224 JPEG per sample decoded to uint8, text at 32/64/16 tokens, histories of 50 and 500
   em3-text     the em3 shards with images off (the JPEG bytes are still read, never decoded)
   em3-image-cached  em3-image under model.frozen_cache: the cache serves the images, so the JPEGs are not decoded
+  em3-image-device  em3-image under data.image_decode = "device": the workers check each JPEG's header and ship
+               its bytes; the trainer decodes them on the GPU (nvJPEG). The reader's samples/CPU-s is what the
+               workers cost; the decode itself is timed apart on a few batches (CUDA events on a GPU, its own section
+               of the report; on a host without CUDA the same module's CPU decode is timed, for reference only)
 
 Each point builds the train BatchStream exactly as training does (`make_batch_stream(cfg, "train")` with the ids hashed
 into the run's tables and, with the memory bank, the raw history ids kept), skips the first
@@ -67,6 +71,9 @@ from trainer.models.model import plan_id_tables  # noqa: E402
 GOALS = {"text": 20_000, "image": 5_000}
 """The issue's goal on a 16-core GPU host, samples/s."""
 GOAL_CORES = 16
+GOAL_DEVICE_DECODE_PER_CPU_S = 5_000
+"""Issue 11: em3-image with the JPEGs decoded on the GPU, samples per CPU-second of the reader (its workers and
+the process that iterates it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +148,13 @@ MODES = {
             "lemur-text with the JSON records (the format before the binary one), side by side",
             "json",
         ),
-        Mode("em3-image", "em3", True, "em3 shape, one 224x224 JPEG per sample decoded (text 32/64/16)"),
+        Mode(
+            "em3-image",
+            "em3",
+            True,
+            "em3 shape, one 224x224 JPEG per sample decoded (text 32/64/16)",
+            overrides=("data.image_decode=cpu",),
+        ),
         Mode("em3-text", "em3", False, "em3 shards with images off (JPEG bytes read, not decoded)"),
         Mode(
             "em3-image-cached",
@@ -150,8 +163,16 @@ MODES = {
             "em3-image with EM3's frozen-feature cache serving the images: the JPEGs are counted, not decoded",
             overrides=("model.frozen_cache=true",),
         ),
+        Mode(
+            "em3-image-device",
+            "em3",
+            True,
+            "em3-image with the JPEGs left to the GPU (data.image_decode = device): the workers check headers only",
+            overrides=("data.image_decode=device",),
+        ),
     )
 }
+DEVICE_DECODE = "data.image_decode=device"
 
 SHARDS_PER_SPLIT = 40
 """Train shards per dataset: at least two per worker up to 20 workers. More workers still get shards, since the
@@ -401,7 +422,7 @@ def _stage_breakdown(mode: Mode, path: Path, args: argparse.Namespace) -> dict[s
     t_parse, inside, samples = best_of(
         r,
         lambda: [parse_sample(x, ds.spec, limits) for x in raws],
-        {"image": (decode_module, "decode_image")},
+        {"image": (decode_module, "decode_image"), "header": (decode_module, "jpeg_for_device")},
     )
     chunks = [samples[i : i + args.batch_size] for i in range(0, n, args.batch_size)]
 
@@ -421,12 +442,15 @@ def _stage_breakdown(mode: Mode, path: Path, args: argparse.Namespace) -> dict[s
     )
     record = "rec" if binary else "json"
     stages = {"tar read": t_tar}
+    images = inside["image"] + inside["header"]
     if binary:
-        stages["binary record: view + validate"] = max(0.0, t_parse - inside["image"])
+        stages["binary record: view + validate"] = max(0.0, t_parse - images)
     else:
         stages["json parse"] = t_json
-        stages["validate (ids, text)"] = max(0.0, t_parse - t_json - inside["image"])
-    if mode.images:
+        stages["validate (ids, text)"] = max(0.0, t_parse - t_json - images)
+    if mode.images and DEVICE_DECODE in mode.overrides:
+        stages["JPEG header check (decoded on the device)"] = inside["header"]
+    elif mode.images:
         stages["image decode"] = inside["image"]
     stages["tokenise (text fields + query)"] = within["tokens"] + within["query_tokens"]
     stages["KJTs (ids, histories)"] = within["kjt"]
@@ -449,6 +473,64 @@ def _stage_breakdown(mode: Mode, path: Path, args: argparse.Namespace) -> dict[s
     if args.profile:
         out["profile"] = profile(train_stream(cfg), args)
     return out
+
+
+# ------------------------------------------------------------------------------------------------- device decode
+
+
+def device_decode_cost(mode: Mode, path: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """For a mode that leaves the JPEGs to the device: the time `decode_batch` (what `Trainer.to_device` runs)
+    takes per batch on the GPU, from CUDA events around it (after one warm-up batch), and the CPU time the
+    training process spends in it (nvJPEG parses and Huffman-decodes part of the work on the host). Without CUDA
+    the same module decodes on the CPU (torchvision's libjpeg-turbo, else PIL): wall time, for reference."""
+    if DEVICE_DECODE not in mode.overrides:
+        return None
+    from trainer.data.device_decode import decode_batch, decodes_on
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda and not decodes_on(device):
+        return {
+            "mode": mode.name,
+            "device": str(device),
+            "error": "torchvision cannot decode JPEG on CUDA here",
+        }
+    stream = train_stream(mode_config(mode, path, 0, args), pin_memory=cuda)
+    batches = iter(stream)
+    host = list(itertools.islice(batches, args.decode_batches + 1))
+    close(batches, stream)
+    decode_batch(host[0].to(device))  # warm-up: nvJPEG's handles and buffers
+    gpu_ms, cpu_ms, jpegs = [], [], 0
+    for batch in host[1:]:
+        moved = batch.to(device, non_blocking=True)
+        jpegs += batch.encoded_images.count if batch.encoded_images is not None else 0
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        if cuda:
+            start.record()
+        decode_batch(moved)
+        if cuda:
+            end.record()
+            end.synchronize()
+            gpu_ms.append(start.elapsed_time(end))
+        else:
+            gpu_ms.append((time.perf_counter() - wall0) * 1e3)
+        cpu_ms.append((time.process_time() - cpu0) * 1e3)
+    n = len(host) - 1
+    per_batch = sorted(gpu_ms)[n // 2]
+    return {
+        "mode": mode.name,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "batches": n,
+        "batch_size": host[0].size,
+        "jpegs_per_batch": jpegs / n,
+        "decode_ms_per_batch": per_batch,
+        "decode_us_per_sample": per_batch * 1e3 / host[0].size,
+        "host_cpu_ms_per_batch": sorted(cpu_ms)[n // 2],
+        "timed_with": "CUDA events (median batch)" if cuda else "wall clock on the CPU (median batch)",
+    }
 
 
 def textured_jpeg_cost(size: int) -> dict[str, float]:
@@ -626,6 +708,18 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Some points crossed an epoch boundary (a DataLoader restart) while measured."]
     lines += ["", "## Against the goal", ""]
     lines += [f"- {line}" for line in report["verdict"]]
+    for d in report.get("device_decode", []):
+        lines += ["", f"## JPEG decoding on the device: {d['mode']}", ""]
+        if "error" in d:
+            lines.append(f"Not measured on {d['device']}: {d['error']}.")
+            continue
+        lines += [
+            f"`trainer/data/device_decode.py`'s `decode_batch` (what `Trainer.to_device` runs) on {d['device']}, "
+            f"{d['batches']} batches of {d['batch_size']} ({d['jpegs_per_batch']:.0f} JPEGs each), timed with "
+            f"{d['timed_with']}: **{d['decode_ms_per_batch']:.2f} ms a batch**, {d['decode_us_per_sample']:.1f} µs "
+            f"a sample; the training process spent {d['host_cpu_ms_per_batch']:.2f} CPU-ms a batch in it. Compare "
+            "with the step time (benchmarks/step.py): the goal is under 10% of the step.",
+        ]
     for b in report["breakdown"]:
         lines += [
             "",
@@ -700,6 +794,20 @@ def verdict(results: list[dict[str, Any]], cores: int) -> list[str]:
         if cores >= GOAL_CORES:
             line += " Goal " + ("met." if best["samples_per_s"] >= goal else "NOT met.")
         out.append(line)
+    device = [
+        r
+        for r in results
+        if DEVICE_DECODE in MODES[r["mode"]].overrides and r["workers"] >= 1 and r["samples_per_cpu_s"]
+    ]
+    if device:
+        best = max(device, key=lambda r: r["samples_per_cpu_s"])
+        goal = GOAL_DEVICE_DECODE_PER_CPU_S
+        out.append(
+            f"{best['mode']}: the reader gives {best['samples_per_cpu_s']:,.0f} samples per CPU-second at best "
+            f"({best['workers']} workers), the JPEGs left to the device; the goal is {goal:,}: "
+            + ("met." if best["samples_per_cpu_s"] >= goal else "NOT met.")
+            + " The device's decode time is reported apart, below."
+        )
     return out
 
 
@@ -731,6 +839,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--breakdown-repeats", type=int, default=3, help="stage timings: best of this many runs")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-stage breakdown")
     p.add_argument(
+        "--decode-batches",
+        type=int,
+        default=10,
+        help="batches timed for the device decode (em3-image-device)",
+    )
+    p.add_argument(
         "--profile", action="store_true", help="add a cProfile top-15 of a worker-less pass per mode"
     )
     p.add_argument(
@@ -747,6 +861,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.shuffle_buffer = min(args.shuffle_buffer, 256)
         args.breakdown_samples = min(args.breakdown_samples, 256)
         args.workers = args.workers or [0, 1]
+        args.decode_batches = min(args.decode_batches, 3)
     return args
 
 
@@ -764,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = {
         d: ensure_dataset(args.data_dir, d, args.samples, args.regenerate) for d in {m.dataset for m in modes}
     }
-    results, breakdown = [], []
+    results, breakdown, decode_costs = [], [], []
     for mode in modes:
         for w in workers:
             r = measure(mode, paths[mode.dataset], w, args)
@@ -772,6 +887,14 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{mode.name:>10} {w:>3} workers: {r['samples_per_s']:>9,.0f} samples/s "
                 f"({r['batches']} batches in {r['seconds']:.1f}s, first batch after {r['first_batch_s']:.1f}s)",
+                flush=True,
+            )
+        cost = device_decode_cost(mode, paths[mode.dataset], args)
+        if cost is not None:
+            decode_costs.append(cost)
+            print(
+                f"{mode.name:>10} decode on {cost['device']}: "
+                + (cost["error"] if "error" in cost else f"{cost['decode_ms_per_batch']:.2f} ms/batch"),
                 flush=True,
             )
         if not args.no_breakdown:
@@ -816,6 +939,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "verdict": verdict(results, cores),
         "breakdown": breakdown,
+        "device_decode": decode_costs,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"data_loader-{today}-{kind}"

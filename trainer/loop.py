@@ -190,6 +190,7 @@ class Trainer:
             table_rows=self.plan.rows,
             raw_histories=self.cfg.memory_bank.enabled,  # a content source looks histories up by raw id
             pad_to_longest=True,
+            device=self.info.device,  # data.image_decode = auto: JPEGs are decoded where the batches go
         )
 
     def count_params(self, trainable: bool) -> int:
@@ -264,8 +265,11 @@ class Trainer:
         return self.dmp(batch, self.step, mode)
 
     def to_device(self, batch: Batch) -> Batch:
-        """The reader's batch (pinned host memory) on this rank's device."""
-        return batch.to(self.info.device, non_blocking=True)
+        """The reader's batch (pinned host memory) on this rank's device, its JPEGs decoded there when the reader
+        left them to the device (data.image_decode; a batch already decoded is returned as it is)."""
+        from trainer.data.device_decode import decode_batch
+
+        return decode_batch(batch.to(self.info.device, non_blocking=True))
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         with record_function("h2d"):

@@ -109,6 +109,15 @@ class DataConfig:
     """Images are decoded and resized to this square side."""
     images_per_sample: int = 1
     """Images per sample in the batch (missing ones are zero and masked)."""
+    image_decode: str = "auto"
+    """Where JPEGs are decoded: `cpu` (PIL in the reader's workers, `draft` decoding then a bilinear resize),
+    `device` (the workers only check each JPEG's header and ship its bytes; `Trainer.to_device` decodes the batch
+    in one batched torchvision `decode_jpeg` call on the training device, nvJPEG on a GPU, and resizes there:
+    `trainer/data/device_decode.py`), or `auto` (device when the batches go to a CUDA device and torchvision
+    decodes JPEG there, else cpu). PNGs, and JPEGs other than 8-bit baseline grey or YCbCr (progressive, CMYK),
+    are decoded in the workers either way. The two paths give the same pixels within a stated tolerance
+    (device_decode.TOLERANCE); a JPEG that only the device finds broken makes its row invalid (`Batch.valid`) and
+    counts as `bad_image`, or stops the run under bad_input = error."""
     tokenizer: str = ""
     """A local Hugging Face fast-tokenizer directory; empty = DIR/tokenizer, trained from the dataset if absent."""
     vocab_size: int = 8_000
@@ -134,6 +143,11 @@ class DataConfig:
         check(self.shuffle_buffer >= 0, f"{p}.shuffle_buffer", "must be >= 0")
         check(16 <= self.image_size <= 1024, f"{p}.image_size", "must be in [16, 1024]")
         check(0 <= self.images_per_sample <= 8, f"{p}.images_per_sample", "must be in [0, 8]")
+        check(
+            self.image_decode in ("cpu", "device", "auto"),
+            f"{p}.image_decode",
+            "must be 'cpu', 'device' or 'auto'",
+        )
         check(self.vocab_size >= 100, f"{p}.vocab_size", "must be >= 100")
         check(self.bad_input in ("error", "skip"), f"{p}.bad_input", "must be 'error' or 'skip'")
         check(self.max_text_chars > 0, f"{p}.max_text_chars", "must be > 0")

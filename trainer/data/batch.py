@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from collections import Counter
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -29,6 +30,45 @@ class PackedText:
 
 
 @dataclass
+class EncodedImages:
+    """A batch's JPEGs still compressed (`data.image_decode = "device"`): the reader's workers checked their headers
+    and `Trainer.to_device` decodes them into `Batch.images` on the device (`trainer/data/device_decode.py`). The
+    bytes stay in host memory (pinned with the batch; `Batch.to` leaves them there): torchvision's decoder takes
+    host tensors, also for device="cuda"."""
+
+    data: torch.Tensor
+    """[total bytes] uint8: every JPEG of the batch, back to back."""
+    offsets: torch.Tensor
+    """[K + 1] int64: JPEG k is data[offsets[k] : offsets[k + 1]]."""
+    slots: torch.Tensor
+    """[K, 2] int64: the (row, image slot) of `Batch.images` each JPEG goes to."""
+    size: int
+    """The square side the images are resized to (data.image_size)."""
+    sources: list[tuple[str, str, str]]
+    """(shard, key, field) of each JPEG, for the bad-sample message and count."""
+    policy: str = "error"
+    """data.bad_input: a JPEG the device cannot decode stops the run (`error`) or invalidates its row (`skip`)."""
+    skipped: Counter | None = None
+    """The counter of the stream the batch came from (`BatchStream.skipped`, attached as the batch is yielded):
+    bad images found on the device are counted there, by reason, beside the reader's own skips."""
+
+    @property
+    def count(self) -> int:
+        return int(self.slots.shape[0])
+
+    def jpeg(self, k: int) -> torch.Tensor:
+        """JPEG k's bytes: a view of `data`."""
+        return self.data[int(self.offsets[k]) : int(self.offsets[k + 1])]
+
+    def jpegs(self) -> list[torch.Tensor]:
+        """Every JPEG's bytes, as views of `data` (one split, not K slices)."""
+        return list(self.data.split(self.offsets.diff().tolist()))
+
+    def pin_memory(self) -> EncodedImages:
+        return replace(self, data=self.data.pin_memory())
+
+
+@dataclass
 class Batch:
     sparse: KeyedJaggedTensor
     """Pooled id features (EmbeddingBagCollection): user_id, query_id (search), then the spec's sparse features.
@@ -43,7 +83,8 @@ class Batch:
     query: Tokens | None
     """Raw query tokens (search scenario)."""
     images: torch.Tensor
-    """[B, N, 3, H, W] uint8 (normalise on the device: 4x less to copy)."""
+    """[B, N, 3, H, W] uint8 (normalise on the device: 4x less to copy). [B, N, 3, 0, 0] when no pixels travel:
+    the frozen-feature cache serves the images, or `encoded_images` holds them all, still to be decoded."""
     image_mask: torch.Tensor
     """[B, N] bool: which images exist."""
     labels: torch.Tensor
@@ -65,6 +106,9 @@ class Batch:
     known_item_ids: torch.Tensor | None = None
     """[B] the target item ids when every valid row's item is in items.parquet (padding rows carry a valid row's
     id), else None: what item-keyed caches of content built from that file take (`ContentEncoder.frozen_cache`)."""
+    encoded_images: EncodedImages | None = None
+    """The JPEGs left for the device to decode (`data.image_decode = "device"`), until `Trainer.to_device` has
+    decoded them into `images` (None after: decoding a decoded batch does nothing)."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Bad samples dropped while this batch was built, by reason."""
     reader: int = 0
@@ -77,13 +121,19 @@ class Batch:
         return int(self.labels.shape[0])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """On `device`, but for `encoded_images`, which the decoder takes from host memory."""
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
-        return self._map(lambda t: t.pin_memory())
+        batch = self._map(lambda t: t.pin_memory())
+        if batch.encoded_images is not None:
+            batch.encoded_images = batch.encoded_images.pin_memory()
+        return batch
 
     def _map(self, fn) -> Batch:  # type: ignore[no-untyped-def]
         def apply(value):  # type: ignore[no-untyped-def]
+            if isinstance(value, EncodedImages):
+                return value
             if isinstance(value, (torch.Tensor, KeyedJaggedTensor)):
                 return fn(value)
             if isinstance(value, Tokens):

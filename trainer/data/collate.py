@@ -14,7 +14,8 @@ from transformers import PreTrainedTokenizerFast
 
 from embeddings.tables import hash_kjt
 from trainer.config.schema import ConfigError
-from trainer.data.batch import Batch, PackedText, Tokens
+from trainer.data.batch import Batch, EncodedImages, PackedText, Tokens
+from trainer.data.decode import EncodedJpeg
 from trainer.data.item_tokens import ItemTokens
 from trainer.data.spec import DatasetSpec
 
@@ -58,6 +59,11 @@ class CollateSpec:
     pixels: bool = True
     """False: the frozen-feature cache serves every target's image features (the reader decodes no image), so the
     batch carries the image mask and no pixels ([B, N, 3, 0, 0]), and every row a cached item id."""
+    jpeg_on_device: bool = False
+    """The reader leaves JPEGs to the device (`data.image_decode = "device"`): they travel as `Batch.encoded_images`,
+    and `images` carries pixels only when some image of the batch was decoded on the CPU (PNG, CMYK)."""
+    bad_input: str = "error"
+    """data.bad_input, for the device decoder (`EncodedImages.policy`)."""
     text_buckets: int = 0
     """> 0: also hand the text to the towers packed (`Batch.packed_text`): real tokens only, rows sorted by length
     into this many buckets, each padded to its own longest row (rounded up to PAD_MULTIPLE)."""
@@ -271,14 +277,18 @@ class Collator:
         n_img, size = s.images_per_sample, s.image_size
         # [B, N, 3, H, W]: each decoded [H, W, 3] image is transposed as it is copied in (one pass over the pixels;
         # a permute of the whole uint8 batch afterwards costs twice as much).
-        if not s.pixels:
+        decoded_here = any(isinstance(p, np.ndarray) for x in samples for p in x["images"][:n_img])
+        if not s.pixels or (s.jpeg_on_device and not decoded_here):
             size = 0  # nothing to copy across the worker queue and to the device
         images = np.zeros((len(samples), n_img, 3, size, size), dtype=np.uint8)
         image_mask = np.zeros((len(samples), n_img), dtype=bool)
+        jpegs: list[tuple[int, int, EncodedJpeg]] = []
         for i, x in enumerate(samples):
             for j, pixels in enumerate(x["images"][:n_img]):
                 image_mask[i, j] = True
-                if pixels is not None and s.pixels:  # None: present, not decoded (the cache serves it)
+                if isinstance(pixels, EncodedJpeg):
+                    jpegs.append((i, j, pixels))
+                elif pixels is not None and s.pixels:  # None: present, not decoded (the cache serves it)
                     images[i, j] = pixels.transpose(2, 0, 1)
 
         def column(name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -314,7 +324,25 @@ class Collator:
             valid=torch.tensor(valid_rows, dtype=torch.bool),
             raw_histories=raw_histories,
             known_item_ids=self.known_item_ids(samples, valid_rows),
+            encoded_images=encoded_images(jpegs, s.image_size, s.bad_input) if jpegs else None,
         )
+
+
+def encoded_images(jpegs: list[tuple[int, int, EncodedJpeg]], size: int, policy: str) -> EncodedImages:
+    """(row, slot, JPEG) triples -> `EncodedImages`: the bytes back to back in one uint8 tensor, with offsets."""
+    lengths = np.fromiter((len(j.data) for _, _, j in jpegs), np.int64, len(jpegs))
+    offsets = np.zeros(len(jpegs) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    data = np.frombuffer(b"".join(j.data for _, _, j in jpegs), dtype=np.uint8).copy()  # writable, for torch
+    slots = np.array([(i, k) for i, k, _ in jpegs], dtype=np.int64).reshape(len(jpegs), 2)
+    return EncodedImages(
+        data=torch.from_numpy(data),
+        offsets=torch.from_numpy(offsets),
+        slots=torch.from_numpy(slots),
+        size=size,
+        sources=[(j.shard, j.key, j.field) for _, _, j in jpegs],
+        policy=policy,
+    )
 
 
 def pack_text(fields: list[tuple[np.ndarray, np.ndarray]], buckets: int) -> PackedText:

@@ -332,6 +332,21 @@ class Limits:
     decode_images: bool = True
     """False: a sample's images are only counted (None for each present one), not decoded: the image features of its
     item come from items.parquet through the frozen-feature cache (`trainer/models/frozen_cache.py`)."""
+    jpeg_on_device: bool = False
+    """True (`data.image_decode = "device"`): a JPEG is only checked here (its header, as `check_image_header` does,
+    and an end-of-image marker after its scan data) and kept as `EncodedJpeg` for the device to decode; PNGs and
+    the JPEGs the device is not given (`jpeg_for_device`) are still decoded here."""
+
+
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG whose header passed the checks, left for the device to decode (`trainer/data/device_decode.py`), with
+    where it came from for a bad-sample message."""
+
+    data: bytes
+    shard: str
+    key: str
+    field: str
 
 
 def parse_sample(raw: RawSample, spec: DatasetSpec, limits: Limits) -> dict[str, Any]:
@@ -469,14 +484,18 @@ def image_members(members: dict[str, bytes]) -> list[str]:
     return [ext for _, ext in sorted(found)]
 
 
-def _images(raw: RawSample, limits: Limits, bad: Any) -> list[np.ndarray | None]:
+def _images(raw: RawSample, limits: Limits, bad: Any) -> list[np.ndarray | EncodedJpeg | None]:
     present = image_members(raw.members)[: limits.images_per_sample]
     if not limits.decode_images:
         return [None] * len(present)
-    out: list[np.ndarray | None] = []
+    out: list[np.ndarray | EncodedJpeg | None] = []
     for ext in present:
+        data = raw.members[ext]
         try:
-            out.append(decode_image(raw.members[ext], limits.image_size))
+            if limits.jpeg_on_device and jpeg_for_device(data):
+                out.append(EncodedJpeg(data, raw.shard, raw.key, ext))
+            else:
+                out.append(decode_image(data, limits.image_size))
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise bad(ext, "bad_image", str(err)) from err
     return out
@@ -495,18 +514,119 @@ def check_image_header(image: Image.Image, data: bytes) -> None:
     """A JPEG or PNG whose claimed size is bounded and fits its bytes; anything else raises ValueError."""
     if image.format not in IMAGE_FORMATS:
         raise ValueError(f"a {image.format or 'unknown'} image, not JPEG or PNG")
-    width, height = image.size
+    check_claimed_size(image.format, *image.size, len(data))
+
+
+def check_claimed_size(image_format: str, width: int, height: int, size: int) -> None:
+    """The size a header claims is bounded and fits the image's `size` bytes; else ValueError."""
     if max(width, height) > MAX_IMAGE_SIDE or min(width, height) < 1:
         raise ValueError(f"claims {width}x{height} pixels (at most {MAX_IMAGE_SIDE} a side)")
-    if len(data) < width * height * MIN_COMPRESSED_BYTES_PER_PIXEL[image.format]:
-        raise ValueError(f"{len(data)} bytes cannot hold the {width}x{height} pixels its header claims")
+    if size < width * height * MIN_COMPRESSED_BYTES_PER_PIXEL[image_format]:
+        raise ValueError(f"{size} bytes cannot hold the {width}x{height} pixels its header claims")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """PIL's lazy open: the header is parsed, no pixel decoded."""
+    with warnings.catch_warnings():  # a header past PIL's bomb threshold is refused by `check_image_header`
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """What `jpeg_header` reads from a JPEG's markers, up to its first scan."""
+
+    frame: int
+    """The SOF marker's code: 0xC0 baseline, 0xC1 extended sequential, 0xC2 progressive, ..."""
+    precision: int
+    width: int
+    height: int
+    components: bytes
+    """The frame's component ids, one byte each (1: grey; 3: YCbCr, or RGB with ids b"RGB"; 4: CMYK/YCCK)."""
+    adobe_transform: int | None
+    """The Adobe APP14 segment's colour transform (0: no YCbCr transform), None without that segment."""
+    scan: int
+    """Where the first scan's entropy-coded data starts."""
+
+
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # 0xC4 DHT, 0xC8 JPG, 0xCC DAC are not frames
+STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])
+DEVICE_FRAMES = (0xC0, 0xC1)
+"""Baseline and extended sequential Huffman JPEGs: what nvJPEG's batched decoder takes; progressive, lossless and
+arithmetic-coded ones are decoded on the CPU."""
+JPEG_EOI = b"\xff\xd9"
+
+
+def jpeg_header(data: bytes) -> JpegHeader | None:
+    """A walk over a JPEG's marker segments up to its first scan (a few µs, where PIL's header parse takes tens).
+    None where the walk meets anything it does not expect (no JPEG start, junk between segments, a segment cut
+    short, no frame before the scan): such bytes go through PIL, as on the CPU path."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    n, pos = len(data), 2
+    frame: tuple[int, int, int, int, bytes] | None = None
+    adobe: int | None = None
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in STANDALONE_MARKERS:
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        end = pos + 2 + length
+        if length < 2 or end > n:
+            return None
+        if marker in SOF_MARKERS:
+            if length < 8:
+                return None
+            count = data[pos + 9]
+            ids = bytes(data[pos + 10 + 3 * c] for c in range(count) if pos + 10 + 3 * c < end)
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            frame = (marker, data[pos + 4], width, height, ids)
+        elif marker == 0xEE and length >= 14 and data[pos + 4 : pos + 9] == b"Adobe":
+            adobe = data[pos + 15]
+        elif marker == 0xDA:
+            if frame is None:
+                return None
+            return JpegHeader(*frame, adobe_transform=adobe, scan=end)
+        elif marker == 0xD9:
+            return None
+        pos = end
+    return None
+
+
+def jpeg_for_device(data: bytes) -> bool:
+    """Whether these image bytes are a JPEG to leave to the device decoder. Its header is checked as the CPU path
+    checks it (`check_claimed_size`; ValueError otherwise), and a file cut short in its scan data (no end-of-image
+    marker after the scan starts: the CPU decoder refuses it as truncated, nvJPEG would decode it without a word)
+    is refused here, so that the reader skips it and keeps its batch full. False: decode it on the CPU (PNG, and
+    JPEGs that are not 8-bit baseline/sequential grey or YCbCr, or whose header this walk does not follow)."""
+    header = jpeg_header(data)
+    if header is None:
+        return False
+    check_claimed_size("JPEG", header.width, header.height, len(data))
+    rgb_coded = header.adobe_transform == 0 or header.components == b"RGB"
+    if (
+        header.frame not in DEVICE_FRAMES
+        or header.precision != 8
+        or len(header.components) not in (1, 3)
+        or (len(header.components) == 3 and rgb_coded)
+    ):
+        return False
+    # entropy-coded data never holds 0xFFD9 (0xFF is stuffed as 0xFF00), so the marker past the scan is the end
+    if data.rfind(JPEG_EOI, header.scan) < 0:  # searched from the end, where it is
+        raise ValueError("image file is truncated (no end-of-image marker after the scan data)")
+    return True
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """JPEG/PNG bytes -> uint8 [size, size, 3]. `draft` lets libjpeg decode at a reduced scale when it can."""
-    with warnings.catch_warnings():  # a header past PIL's bomb threshold is refused below, by name
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data))
+    image = open_image(data)
     with image:
         check_image_header(image, data)
         image.draft("RGB", (size, size))

@@ -36,6 +36,7 @@ from trainer.config.schema import Config
 from trainer.data.batch import Batch
 from trainer.data.collate import CollateSpec, Collator, collate_spec, empty_sample
 from trainer.data.decode import BadSample, Limits, RawSample, SkipCounter, parse_sample, tar_samples
+from trainer.data.device_decode import resolve_image_decode
 from trainer.data.item_tokens import ItemTokens, load_item_tokens
 from trainer.data.shard_lists import ShardRef, assign_shards, epoch_order, expand_shards, reader_sample_counts
 from trainer.data.spec import DatasetSpec, read_spec
@@ -387,6 +388,8 @@ class BatchStream:
                 self.batches += 1
                 self.positions[batch.reader] = batch.reader_position
                 self.skipped.update(batch.skipped)
+                if batch.encoded_images is not None:  # bad JPEGs the device finds are counted here too
+                    batch.encoded_images.skipped = self.skipped
                 yield batch
         except Exception as err:
             if not workers:
@@ -422,11 +425,13 @@ def make_batch_stream(
     table_rows: dict[str, int] | None = None,
     raw_histories: bool = False,
     pad_to_longest: bool = False,
+    device: torch.device | str | None = None,
 ) -> BatchStream:
     """The reader for `split` ("train" or "eval") of cfg.data.path, as configured. `table_rows`: hash the ids into
     these table rows in the reader (what the trainer's sharded tables read); `raw_histories`: also keep the
     histories' raw item ids (`Batch.raw_histories`); `pad_to_longest`: text fields padded to the batch's longest
-    row, not their budget (`CollateSpec.pad_to_longest`)."""
+    row, not their budget (`CollateSpec.pad_to_longest`); `device`: where the batches will go, for
+    data.image_decode = "auto" (None: the trainer's device, CUDA under an NCCL process group, else the CPU)."""
     spec = read_spec(cfg.data.path)
     cfg = with_dataset_text(cfg, spec)  # the dataset's text fields and budgets where the config leaves them
     data, model = cfg.data, cfg.model
@@ -437,6 +442,7 @@ def make_batch_stream(
     pixels = not images_from_cache(
         cfg
     )  # the frozen-feature cache serves the images: none decoded, none carried
+    on_device = pixels and images > 0 and resolve_image_decode(data.image_decode, device)
     settings = ReaderSettings(
         batch_size=data.batch_size,
         training=split == "train",
@@ -444,7 +450,9 @@ def make_batch_stream(
         shuffle_buffer=data.shuffle_buffer,
         seed=data.seed,
         bad_input=data.bad_input,
-        limits=Limits(data.max_text_chars, data.image_size, images, decode_images=pixels),
+        limits=Limits(
+            data.max_text_chars, data.image_size, images, decode_images=pixels, jpeg_on_device=on_device
+        ),
         split=split,
     )
     collate = collate_spec(
@@ -460,6 +468,7 @@ def make_batch_stream(
         data.text_buckets,
     )
     collate.pixels = pixels
+    collate.jpeg_on_device, collate.bad_input = on_device, data.bad_input
     items = load_item_tokens(Path(data.path) / "items.parquet", tokenizer, collate.text_fields)
     dataset = ShardDataset(shards, spec, collate, tokenizer, settings, rank, world_size, items)
     return BatchStream(dataset, pin_memory=pin_memory, epochs=epochs if split == "train" else 1)
