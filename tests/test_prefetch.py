@@ -75,3 +75,64 @@ def _same_losses(dataset: str, out: str) -> None:
 
 def test_trainer_with_prefetch_trains_the_same_losses(small_dataset: Path, tmp_path: Path) -> None:
     in_process(_same_losses, str(small_dataset), str(tmp_path))
+
+
+def test_prefetcher_on_a_thread_gives_the_same_batches_and_states(small_dataset: Path) -> None:
+    plain = _stream(small_dataset)
+    expected = []
+    for batch in plain:
+        expected.append((_key(batch), plain.state_dict()))
+        if len(expected) == 4:
+            break
+    threaded = DevicePrefetcher(_stream(small_dataset), lambda b: b, CPU, background=True)
+    try:
+        for i, batch in zip(range(4), threaded):
+            assert (_key(batch), threaded.state_dict()) == expected[i]
+    finally:
+        threaded.close()
+
+
+def test_bad_images_found_by_to_device_count_once_handed_out(small_dataset: Path) -> None:
+    """to_device may find bad samples (a JPEG only the GPU cannot decode): counted with their batch, when it is
+    handed out, and kept across a load."""
+    from dataclasses import replace
+
+    def finds_one(batch: Batch) -> Batch:
+        return replace(batch, skipped={**batch.skipped, "bad_image": batch.skipped.get("bad_image", 0) + 1})
+
+    for background in (False, True):
+        prefetched = DevicePrefetcher(_stream(small_dataset), finds_one, CPU, background=background)
+        assert prefetched.skipped.get("bad_image", 0) == 0
+        next(prefetched)
+        next(prefetched)
+        assert prefetched.skipped["bad_image"] == 2  # not the one in flight
+        state = prefetched.state_dict()
+        prefetched.close()
+        resumed = DevicePrefetcher(_stream(small_dataset), finds_one, CPU, background=background)
+        resumed.load_state_dict(state)
+        next(resumed)
+        assert resumed.skipped["bad_image"] == 3
+        assert "bad_image=3" in resumed.report()
+        resumed.close()
+
+
+def test_an_error_in_to_device_is_raised_when_its_batch_is_handed_out(small_dataset: Path) -> None:
+    calls = []
+
+    def fails_second(batch: Batch) -> Batch:
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("bad JPEG in shard x, key y, field jpg")
+        return batch
+
+    for background in (False, True):
+        calls.clear()
+        prefetched = DevicePrefetcher(_stream(small_dataset), fails_second, CPU, background=background)
+        next(prefetched)  # the first is fine (the second is already in flight)
+        try:
+            next(prefetched)
+        except ValueError as err:
+            assert "shard x" in str(err)
+        else:
+            raise AssertionError("the error of the batch in flight was lost")
+        prefetched.close()

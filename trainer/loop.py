@@ -392,7 +392,7 @@ class Trainer:
         self.checkpointer.save(self.step)
         if cfg.objective == "contrastive" and self.info.is_main:
             log.info("stage-1 encoders -> %s", save_encoders(self.model.dense, self.out_dir))
-        log.info("%s", self.train_stream.report())
+        log.info("%s", self.inputs.report())
         return results
 
     def roll_back(self, err: NonFiniteLoss, results: dict[str, Any], bar: Any) -> None:
@@ -477,6 +477,8 @@ class Trainer:
             log.info("step %d eval: %s", self.step, shown)
 
     def close(self) -> None:
+        if isinstance(self.inputs, DevicePrefetcher):
+            self.inputs.close()
         self.metrics.close()
 
 

@@ -499,9 +499,10 @@ class TrainingConfig:
     max_rollbacks: int = 3
     """With on_nonfinite = rollback: rollbacks a run may make before it stops."""
     prefetch: bool = True
-    """Pipelined input: the next batch is read and copied to the device (on a side CUDA stream) while this one
-    trains (`trainer/data/prefetch.py`); the checkpointed reader state leaves the batch in flight unconsumed.
-    Off: each batch is read and copied when its step begins (the reference)."""
+    """Pipelined input: the next batch is read and moved to the device (on a side CUDA stream, from a thread of
+    its own on CUDA, so the JPEG decode of data.image_decode = device runs beside the step) while this one trains
+    (`trainer/data/prefetch.py`); the checkpointed reader state leaves the batch in flight unconsumed. Off: each
+    batch is read and moved when its step begins (the reference)."""
     compile: bool = False
     """torch.compile the dense arch's blocks (content and query towers with the fusion, LONGER decoders, ranker):
     fewer, fused kernels; the first steps pay the compile time. Off: eager, the reference path."""
