@@ -86,6 +86,7 @@ def shard_sparse(
     """Attach the fused optimizer, plan, and wrap `model` (which holds `sparse`) in DMP: the sparse arch's
     collections are sharded and materialised on `device`; everything else is left as it is (moved to `device`)."""
     attach_fused_optimizer(sparse, options.optimizer, options.lr)
+    cache_kjt_recat()
     plan = plan_sharding(model, sparse, options, device, batch_size)
     env = (
         ShardingEnv.from_process_group(dist.group.WORLD)
@@ -105,3 +106,37 @@ def describe_plan(dmp: DistributedModelParallel) -> str:
             ranks = sorted({r for r in (spec.ranks or [])})
             lines.append(f"{module_path}.{table}: {spec.sharding_type} {spec.compute_kernel} ranks={ranks}")
     return "\n".join(lines)
+
+
+RECAT_CACHE_ENTRIES = 256
+
+
+def cache_kjt_recat() -> None:
+    """TorchRec's KJT all-to-all (1.6 and 1.8) builds its feature-permute index with `torch.tensor(list,
+    device=...)` in every input dist, even on one rank where it goes unused: a copy from pageable host memory, so
+    a host sync per sharded collection per step (benchmarks/step.py found two a step on an H200). The index is a
+    function of its arguments and only read (a permute's index), so it is built once per arguments and device."""
+    from torchrec.distributed import dist_data
+
+    original = dist_data._get_recat
+    if getattr(original, "lemur_cached", False):
+        return
+    cache: dict[tuple, torch.Tensor | None] = {}
+
+    def cached_recat(
+        local_split: int,
+        num_splits: int,
+        stagger: int = 1,
+        device: torch.device | None = None,
+        batch_size_per_rank: list[int] | None = None,
+    ) -> torch.Tensor | None:
+        sizes = tuple(batch_size_per_rank) if batch_size_per_rank is not None else None
+        key = (local_split, num_splits, stagger, str(device), sizes)
+        if key not in cache:
+            if len(cache) >= RECAT_CACHE_ENTRIES:  # variable batch sizes: bounded, never stale
+                cache.clear()
+            cache[key] = original(local_split, num_splits, stagger, device, batch_size_per_rank)
+        return cache[key]
+
+    cached_recat.lemur_cached = True  # type: ignore[attr-defined]
+    dist_data._get_recat = cached_recat

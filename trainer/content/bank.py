@@ -181,9 +181,9 @@ class BankContent:
             if part.numel():
                 encoded = encode_rows(self.encoder, batch, part, grad)
                 target = target.to(encoded.dtype).index_put((part,), encoded)
-        fresh = torch.zeros_like(batch.valid)
-        fresh[rows.backward] = True
-        fresh[rows.forward_only] = True
+        # index_fill_, not `fresh[rows] = True`: that copies the True from pageable host memory (a host sync)
+        fresh = torch.zeros_like(batch.valid).index_fill_(0, rows.backward, True)
+        fresh.index_fill_(0, rows.forward_only, True)
         return target, fresh & batch.valid
 
     def after_step(self, batch: Batch, content: StepContent, step: int, measure: bool) -> None:
