@@ -46,7 +46,22 @@ class SynthConfig:
     eval_share: float = 0.2
     """Share of the timeline (the last part) that becomes the eval split."""
     cold_item_share: float = 0.1
-    """Share of items that never appear in training (targets or histories); only content can score them."""
+    """Static world: share of items that never appear in training (targets or histories); only content can score
+    them. The churn world ignores it: there, its fresh items are the cold ones."""
+    world: str = "static"
+    """static: a fixed catalog and Zipf popularity over the whole log, a `cold_item_share` held out of training.
+    churn: items are born over the timeline (`new_items_per_day`), their popularity decays with age
+    (`item_lifetime_days`), histories hold what was fresh when it was clicked; eval (the end of the log) so shows
+    many items with few or no training impressions, and `cold` marks exactly those in no training sample (target
+    or history). `trainer/dataset_tools/synth/world.py` says more."""
+    new_items_per_day: float = 0.02
+    """Churn world: share of the catalog born each day, at a steady rate up to the log's end (so the oldest items
+    were born 1 / new_items_per_day days before it; new_items_per_day x days must stay below 1)."""
+    item_lifetime_days: float = 3.0
+    """Churn world: an item's popularity decays as exp(-age / item_lifetime_days) after its birth."""
+    popularity_exponent: float = 0.9
+    """Item popularity is Zipf, rank^-a, ranks shuffled over the items (the long tail). The static world samples
+    impressions and history clicks by its square root, the churn world by it times the age decay."""
     samples_per_shard: int = 2_000
     """Impressions per tar shard; shards of one split hold equal counts but for the last."""
     images_per_item: int = 1
@@ -87,6 +102,15 @@ class SynthConfig:
         check(self.long_history <= 10_000, f"{p}.long_history", "must be <= 10000")
         check(self.impressions_per_request >= 1, f"{p}.impressions_per_request", "must be >= 1")
         check(self.workers >= 0, f"{p}.workers", "must be >= 0")
+        check(self.world in ("static", "churn"), f"{p}.world", "must be static or churn")
+        if self.world == "churn":
+            check(
+                0.0 < self.new_items_per_day * self.days < 1.0,
+                f"{p}.new_items_per_day",
+                "must be > 0 with new_items_per_day x days < 1 (items must exist when the log starts)",
+            )
+            check(0.1 <= self.item_lifetime_days <= 1e4, f"{p}.item_lifetime_days", "must be in [0.1, 10000]")
+        check(0.0 <= self.popularity_exponent <= 3.0, f"{p}.popularity_exponent", "must be in [0, 3]")
 
 
 @dataclass

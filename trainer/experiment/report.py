@@ -17,7 +17,13 @@ from typing import Any
 from trainer.experiment.runner import RunResult
 from trainer.experiment.tables import Check, Table
 
-METRICS = (("auc", "AUC"), ("qauc", "QAUC"), ("gauc", "GAUC"), ("cold_auc", "cold AUC"))
+METRICS = (
+    ("auc", "AUC"),
+    ("qauc", "QAUC"),
+    ("gauc", "GAUC"),
+    ("cold_auc", "cold AUC"),
+    ("warm_auc", "warm AUC"),
+)
 NOISE_MARK = "~"
 
 

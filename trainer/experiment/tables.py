@@ -326,6 +326,66 @@ def _lora() -> Table:
     )
 
 
+CHURN_WORLD = (
+    'data.synth.world="churn"',
+    "data.synth.new_items_per_day=0.02",
+    "data.synth.item_lifetime_days=3",
+)
+"""Issue 13's churn world: items born every day, popularity decaying with age, eval at the end of the log (about
+half its rows on items in no training sample, `cold`)."""
+
+CONTENT_E2E = ("model.use_content=true", "memory_bank.enabled=false", "training.sqdc_weight=0.1")
+"""The content towers end to end on the target item with SQDC (LEMUR's "+sqdc" row), no history content. Without
+SQDC the towers learned too little at this scale to beat ID-only anywhere (benchmarks/experiments.md)."""
+
+
+def _cold_start_churn() -> Table:
+    def dropout(p: float, *extra: str, name: str = "content") -> Variant:
+        return Variant(f"{name}_drop{round(100 * p)}", (*CONTENT_E2E, f"model.item_id_dropout={p}", *extra))
+
+    return Table(
+        name="cold-start-churn",
+        description="issue 13: on the churn world, ID-only vs content end to end (SQDC) without and with the cold "
+        "path (model.item_id_dropout = p: a learned new-item embedding for cold targets), and with history content "
+        "from the memory bank; cold and warm AUC",
+        baseline="id_only",
+        common=(*TEXT_ONLY, *CHURN_WORLD),
+        per_size={"small": ("training.steps=400",)},
+        variants=(
+            Variant("id_only", ID_ONLY),
+            Variant("content", CONTENT_E2E),
+            dropout(0.1),
+            dropout(0.2),
+            dropout(0.5),
+            dropout(0.2, "memory_bank.enabled=true", name="bank"),
+        ),
+        checks=(
+            Check(
+                "content + cold path (p = 0.5) beats ID-only by >= 5 points of cold AUC",
+                "content_drop50",
+                "id_only",
+                "cold_auc",
+                5.0,
+            ),
+            Check(
+                "content + cold path (p = 0.5) is not worse than ID-only on warm AUC",
+                "content_drop50",
+                "id_only",
+                "warm_auc",
+                0.0,
+            ),
+            Check(
+                "the cold path (p = 0.5) raises content's cold AUC",
+                "content_drop50",
+                "content",
+                "cold_auc",
+                0.0,
+            ),
+        ),
+        source="issue 13's goal: >= +5 cold-AUC points over ID-only, warm items not worse, beyond seed noise",
+    )
+
+
 TABLES: dict[str, Table] = {
     t.name: t
     for t in (
@@ -337,6 +397,7 @@ TABLES: dict[str, Table] = {
         _em3_cic(),
         _bank_quality(),
         _lora(),
+        _cold_start_churn(),
     )
 }
 

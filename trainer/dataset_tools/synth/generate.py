@@ -1,7 +1,9 @@
 """`lemur data synth`: write train/eval shards, items.parquet, a tokenizer and dataset.json for a SynthConfig.
 
 Shards are independent jobs (a time block each, seeded by its index), run on all cores; a job holds one shard's
-samples at a time, so memory stays flat however many samples are asked for.
+samples at a time, so memory stays flat however many samples are asked for. Train shards are written first: in the
+churn world, an eval sample's `cold` flag says its item is in no training sample (target or history), which only
+the train shards' item sets tell.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from trainer.dataset_tools.synth.world import (
     SECONDS_PER_DAY,
     SHARD,
     World,
+    alive_items,
     build_world,
     click_logit,
     sample_topic_items,
@@ -62,6 +65,8 @@ class ShardResult:
     items: np.ndarray
     users: np.ndarray
     queries: np.ndarray
+    history_items: np.ndarray
+    """Item indices in the shard's histories (targets: `items`)."""
 
 
 def plan_shards(cfg: SynthConfig) -> list[ShardJob]:
@@ -91,14 +96,18 @@ def _init_worker(cfg: SynthConfig) -> None:
     _RENDER = ContentRenderer(_WORLD)
 
 
-def _run_job(args: tuple[ShardJob, str]) -> ShardResult:
-    job, out_dir = args
+def _run_job(args: tuple[ShardJob, str, np.ndarray | None]) -> ShardResult:
+    job, out_dir, cold = args
     assert _WORLD is not None and _RENDER is not None
-    return write_shard(_WORLD, _RENDER, job, Path(out_dir))
+    return write_shard(_WORLD, _RENDER, job, Path(out_dir), cold)
 
 
-def write_shard(world: World, render: ContentRenderer, job: ShardJob, out_dir: Path) -> ShardResult:
+def write_shard(
+    world: World, render: ContentRenderer, job: ShardJob, out_dir: Path, cold: np.ndarray | None = None
+) -> ShardResult:
+    """`cold`: per item index, never in training (the eval flag); None: the static world's held-out items."""
     cfg = world.cfg
+    cold = world.item_cold if cold is None else cold
     rng = np.random.default_rng([cfg.seed, SHARD, SPLITS.index(job.split), job.index])
     ipr = cfg.impressions_per_request
     n_requests = math.ceil(job.samples / ipr)
@@ -109,7 +118,7 @@ def write_shard(world: World, render: ContentRenderer, job: ShardJob, out_dir: P
     name = shard_name(job.split, job.index)
     layout = RecordLayout.of(DatasetSpec(**_schema(cfg))) if cfg.record_format == "binary" else None
     written, clicks = 0, 0
-    items_seen, queries_seen = [], []
+    items_seen, queries_seen, history_seen = [], [], []
     with ShardWriter(out_dir / name) as writer:
         for r in range(n_requests):
             user, t = int(users[r]), float(times[r])
@@ -124,15 +133,17 @@ def write_shard(world: World, render: ContentRenderer, job: ShardJob, out_dir: P
                     query_topic = int(rng.choice(cfg.num_topics, p=world.topic_share))
                 query = str(rng.choice(render.vocab.queries[query_topic]))
             shown = min(ipr, job.samples - written)
-            items = _candidates(world, user, query_topic, shown, rng)
-            if job.split == "eval":
+            items = _candidates(world, user, query_topic, shown, rng, t)
+            if job.split == "eval" and not world.churn:
                 items = _mix_in_cold(world, items, cold_by_topic, rng)
             labels = (
                 rng.random(shown) < 1.0 / (1.0 + np.exp(-click_logit(world, user, items, query_topic, rng)))
             ).astype(int)
             if user not in timelines:
                 timelines[user] = user_timeline(world, user)
-            history = _history(world, timelines[user], t)
+            history_index = _history_index(world, timelines[user], t)
+            history = _history(world, history_index)
+            history_seen.append(history_index)
             for j, item in enumerate(items):
                 record = _record(world, render, user, int(item), t, int(labels[j]), history, rng)
                 if cfg.search:
@@ -143,7 +154,7 @@ def write_shard(world: World, render: ContentRenderer, job: ShardJob, out_dir: P
                 else:
                     record.update(session_id=request_id, request_id=request_id)
                 if job.split == "eval":
-                    record["cold"] = int(world.item_cold[item])
+                    record["cold"] = int(cold[item])
                 members = (
                     {binary_record.EXT: binary_record.encode(record, layout)}
                     if layout is not None
@@ -164,13 +175,15 @@ def write_shard(world: World, render: ContentRenderer, job: ShardJob, out_dir: P
         np.unique(np.concatenate(items_seen)),
         np.unique(users),
         np.unique(np.asarray(queries_seen, dtype=np.int64)),
+        np.unique(np.concatenate(history_seen)).astype(np.int64),
     )
 
 
 def _candidates(
-    world: World, user: int, query_topic: int | None, n: int, rng: np.random.Generator
+    world: World, user: int, query_topic: int | None, n: int, rng: np.random.Generator, t: float
 ) -> np.ndarray:
-    """Search: mostly items on the query's topic; feed: mostly the user's topics; always some popular filler."""
+    """Search: mostly items on the query's topic; feed: mostly the user's topics; always some popular filler.
+    Churn world: among the items born by `t`."""
     draws = 4 * n  # a request shows distinct items: draw extra and keep the first n distinct
     source = rng.random(draws)
     user_topics = world.user_topics[user][rng.choice(3, size=draws, p=world.user_topic_weights[user])]
@@ -179,14 +192,22 @@ def _candidates(
         topics = np.where(source < 0.6, query_topic, np.where(source < 0.8, user_topics, random_topics))
     else:
         topics = np.where(source < 0.7, user_topics, random_topics)
-    items = sample_topic_items(world, topics, rng)
+    items = sample_topic_items(world, topics, rng, t)
+    items = items[items >= 0]  # churn: topics with no item born yet
     _, first = np.unique(items, return_index=True)
     distinct = items[np.sort(first)]
-    if len(distinct) < n:  # small catalogs: fill with other warm items
-        others = np.setdiff1d(np.flatnonzero(~world.item_cold), distinct)
+    if len(distinct) < n:  # small catalogs: fill with other warm (churn: alive) items
+        if world.churn:
+            alive = alive_items(world, t)
+            others = alive[~np.isin(alive, distinct)]
+        else:
+            others = np.setdiff1d(np.flatnonzero(~world.item_cold), distinct)
         distinct = np.concatenate(
             [distinct, rng.choice(others, size=min(n - len(distinct), len(others)), replace=False)]
         )
+    if len(distinct) < n and world.churn:  # fewer items born by t than a request shows: the next to be born
+        unborn = np.argsort(world.item_birth, kind="stable")
+        distinct = np.concatenate([distinct, unborn[~np.isin(unborn, distinct)][: n - len(distinct)]])
     return distinct[:n]
 
 
@@ -202,10 +223,14 @@ def _mix_in_cold(
     return items
 
 
-def _history(world: World, timeline: tuple[np.ndarray, np.ndarray], t: float) -> dict[str, list[int]]:
+def _history_index(world: World, timeline: tuple[np.ndarray, np.ndarray], t: float) -> np.ndarray:
+    """Item indices of the long history at t: the user's last long_history clicks before t."""
     times, items = timeline
-    before = items[: np.searchsorted(times, t)]
-    long = world.item_ids[before[-world.cfg.long_history :]]
+    return items[: np.searchsorted(times, t)][-world.cfg.long_history :]
+
+
+def _history(world: World, index: np.ndarray) -> dict[str, list[int]]:
+    long = world.item_ids[index]
     return {"short": long[-world.cfg.short_history :].tolist(), "long": long.tolist()}
 
 
@@ -248,7 +273,9 @@ def _record(
     }
 
 
-def write_items(world: World, render: ContentRenderer, path: Path, chunk: int = 10_000) -> None:
+def write_items(
+    world: World, render: ContentRenderer, path: Path, cold: np.ndarray, chunk: int = 10_000
+) -> None:
     """The item catalog: ids, raw text, images (bytes), categorical ids, popularity, cold flag."""
     schema = pa.schema(
         [("item_id", pa.int64())]
@@ -273,7 +300,7 @@ def write_items(world: World, render: ContentRenderer, path: Path, chunk: int = 
                 "category": world.item_category[lo : lo + len(idx)],
                 "author": world.item_author[lo : lo + len(idx)],
                 "popularity": world.item_popularity[lo : lo + len(idx)],
-                "cold_start": world.item_cold[lo : lo + len(idx)],
+                "cold_start": cold[lo : lo + len(idx)],
             }
             writer.write_table(pa.table(columns, schema=schema))
     tmp.replace(path)
@@ -303,31 +330,54 @@ def synthesize(
     workers = min(cfg.workers or os.cpu_count() or 1, len(jobs))
     results: list[ShardResult] = []
     bar = tqdm(total=cfg.num_samples, unit="sample", desc="synth", disable=not progress)
-    if workers <= 1:
+    world = build_world(cfg)
+    pool = (
+        mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(cfg,))
+        if workers > 1
+        else None
+    )
+    if pool is None:
         _init_worker(cfg)
-        for job in jobs:
-            results.append(_run_job((job, str(out))))
-            bar.update(results[-1].samples)
-    else:
-        with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(cfg,)) as pool:
-            for result in pool.imap(_run_job, [(job, str(out)) for job in jobs]):
+    cold: np.ndarray | None = None
+    try:
+        for split in SPLITS:  # train first: the churn world's eval needs its items
+            if split == "eval":
+                cold = _cold_items(world, [r for r in results if r.split == "train"])
+            args = [(job, str(out), cold if world.churn else None) for job in jobs if job.split == split]
+            for result in pool.imap(_run_job, args) if pool is not None else map(_run_job, args):
                 results.append(result)
                 bar.update(result.samples)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     bar.close()
 
-    world = build_world(cfg)
+    assert cold is not None
     render = ContentRenderer(world)
-    write_items(world, render, out / "items.parquet")
+    write_items(world, render, out / "items.parquet", cold)
     texts = (t for i in range(world.num_items) for t in render.text(i).values())
     queries = (q for topic in render.vocab.queries for q in topic)
     train_tokenizer(_chain(texts, queries), vocab_size, out / "tokenizer")
-    spec = _spec(cfg, world, results)
+    spec = _spec(cfg, world, results, cold)
     write_spec(out, spec)
     if progress:
         print(
             f"synth: {cfg.num_samples} samples in {len(results)} shards, {time.time() - started:.1f}s -> {out}"
         )
     return spec
+
+
+def _cold_items(world: World, train: list[ShardResult]) -> np.ndarray:
+    """Per item index: in no training sample. Static world: the held-out items (the same set, by construction);
+    churn world: measured from the train shards' targets and histories."""
+    if not world.churn:
+        return world.item_cold
+    cold = np.ones(world.num_items, dtype=bool)
+    for r in train:
+        cold[r.items] = False
+        cold[r.history_items] = False
+    return cold
 
 
 def _chain(*iterables: Any) -> Any:
@@ -355,14 +405,14 @@ def _schema(cfg: SynthConfig) -> dict[str, Any]:
     )
 
 
-def _spec(cfg: SynthConfig, world: World, results: list[ShardResult]) -> DatasetSpec:
+def _spec(cfg: SynthConfig, world: World, results: list[ShardResult], cold: np.ndarray) -> DatasetSpec:
     by_split = {s: [r for r in results if r.split == s] for s in SPLITS}
     counts = {s: sum(r.samples for r in rs) for s, rs in by_split.items()}
     train_items = np.unique(np.concatenate([r.items for r in by_split["train"]]))
     eval_items = np.unique(np.concatenate([r.items for r in by_split["eval"]]))
     counts.update(
         items=world.num_items,
-        cold_items=int(world.item_cold.sum()),
+        cold_items=int(cold.sum()),
         eval_cold_items=int(np.setdiff1d(eval_items, train_items).size),
     )
     all_users = np.unique(np.concatenate([r.users for r in results]))
@@ -383,8 +433,22 @@ def _spec(cfg: SynthConfig, world: World, results: list[ShardResult]) -> Dataset
         split={
             "rule": "time",
             "eval_from_timestamp": EPOCH + int(cfg.days * SECONDS_PER_DAY * (1.0 - cfg.eval_share)),
-            "cold_item_share": cfg.cold_item_share,
+            "cold_item_share": round(float(cold.mean()), 5) if world.churn else cfg.cold_item_share,
         },
-        created_by="lemur data synth "
-        + " ".join(f"{k}={v}" for k, v in asdict(cfg).items() if k != "workers"),
+        created_by="lemur data synth " + " ".join(f"{k}={v}" for k, v in _settings(cfg).items()),
     )
+
+
+CHURN_ONLY = ("world", "new_items_per_day", "item_lifetime_days")
+
+
+def _settings(cfg: SynthConfig) -> dict[str, Any]:
+    """The settings `created_by` records: all but `workers`; a static world leaves out the churn knobs (and a
+    default popularity exponent), so its dataset.json reads as it did before they existed."""
+    settings = {k: v for k, v in asdict(cfg).items() if k != "workers"}
+    if cfg.world == "static":
+        for k in CHURN_ONLY:
+            settings.pop(k)
+        if cfg.popularity_exponent == SynthConfig.popularity_exponent:
+            settings.pop("popularity_exponent")
+    return settings

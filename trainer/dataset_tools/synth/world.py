@@ -2,6 +2,18 @@
 
 Everything is a pure function of (SynthConfig, seed), rebuilt identically in every writer process, so shards can be
 generated in parallel and in constant memory. Item content (text, images) is rendered per item on demand.
+
+Two worlds (`SynthConfig.world`):
+- static: every item exists for the whole log with a fixed popularity; a `cold_item_share` of the items is held out
+  of training and shown in eval only.
+- churn: item i is born at `item_birth[i]` (a steady share `new_items_per_day` of the catalog every day, up to the
+  log's end) and is shown, and clicked in histories, with weight popularity[i] * exp(-age / item_lifetime_days),
+  never before its birth. Impressions and history clicks so follow what is fresh; the eval split (the end of the
+  log) shows many items born after training ended or seen a few times in it, whose ID rows learned little or
+  nothing, while their content (text, images) shows their topics and quality as for any item. Cold is measured,
+  not drawn: an eval item is cold when no training sample holds it, as target or in a history (`generate.py`).
+  The weight factorises as popularity[i] * exp(birth[i] / L) * exp(-t / L), so within a topic (items sorted by
+  birth) the items alive at t are a prefix, and one cumulative sum serves every t.
 """
 
 from __future__ import annotations
@@ -53,7 +65,8 @@ class World:
     item_popularity: np.ndarray  # sums to 1
     item_category: np.ndarray
     item_author: np.ndarray
-    item_cold: np.ndarray  # bool
+    item_cold: np.ndarray  # bool; static world only (the churn world's are measured in generate.py)
+    item_birth: np.ndarray  # seconds from the log's start; -inf in the static world
     # users
     user_ids: np.ndarray
     user_topics: np.ndarray  # [u, 3]
@@ -62,14 +75,20 @@ class World:
     user_activity: np.ndarray  # relative request rate
     user_bias: np.ndarray
     user_history_rate: np.ndarray  # clicks per day in the user's timeline
-    # per topic: warm items sorted, and the cumulative popularity within the topic (for sampling)
+    # per topic: warm items (static; churn: all, sorted by birth), and the cumulative sampling weight within the
+    # topic (static: normalised; churn: not, as only the prefix of items born by t is drawn from)
     topic_items: list[np.ndarray]
     topic_item_cdf: list[np.ndarray]
     topic_share: np.ndarray
+    topic_births: list[np.ndarray]  # churn: the births of topic_items, ascending; static: empty
 
     @property
     def num_items(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def churn(self) -> bool:
+        return self.cfg.world == "churn"
 
 
 def build_world(cfg: SynthConfig) -> World:
@@ -85,7 +104,7 @@ def build_world(cfg: SynthConfig) -> World:
     latent = topics[item_topic] + 0.6 * topics[item_topic2] + 0.35 * rng.standard_normal((n, LATENT_DIM))
     latent /= np.linalg.norm(latent, axis=1, keepdims=True)
     quality = rng.standard_normal(n)
-    popularity = 1.0 / rng.permutation(np.arange(1, n + 1)) ** 0.9
+    popularity = 1.0 / rng.permutation(np.arange(1, n + 1)) ** cfg.popularity_exponent
     popularity /= popularity.sum()
 
     # Each topic owns a contiguous block of categories; 10% of items get a random one (noise).
@@ -105,7 +124,7 @@ def build_world(cfg: SynthConfig) -> World:
     author[stray] = rng.integers(0, cfg.num_authors, size=stray.sum())
 
     cold = np.zeros(n, dtype=bool)
-    n_cold = int(round(cfg.cold_item_share * n))
+    n_cold = 0 if cfg.world == "churn" else int(round(cfg.cold_item_share * n))
     if n_cold:
         cold[rng.choice(n, size=n_cold, replace=False)] = True
 
@@ -121,14 +140,30 @@ def build_world(cfg: SynthConfig) -> World:
     # Expected clicks in the pre-window span 0.3..1.2x the long history: some histories are short, many full.
     history_rate = cfg.long_history * rng.uniform(0.3, 1.2, size=u) / PRE_DAYS
 
-    topic_items, topic_cdf = [], []
-    for t in range(k):
-        mine = np.flatnonzero((item_topic == t) & ~cold)
-        if len(mine) == 0:  # tiny catalogs: fall back to any warm item
-            mine = np.flatnonzero(~cold)
-        cdf = np.cumsum(np.sqrt(popularity[mine]))  # flatter than the impression popularity: varied histories
-        topic_items.append(mine)
-        topic_cdf.append(cdf / cdf[-1])
+    topic_items, topic_cdf, topic_births = [], [], []
+    if cfg.world == "churn":
+        birth = item_births(cfg)
+        for t in range(k):
+            mine = np.flatnonzero(item_topic == t)
+            if len(mine) == 0:  # tiny catalogs: fall back to any item
+                mine = np.arange(n)
+            mine = mine[np.argsort(birth[mine], kind="stable")]
+            # exp((birth - latest) / L) <= 1: no overflow; the floor keeps every prefix's total above zero
+            decay = np.exp((birth[mine] - birth.max()) / (cfg.item_lifetime_days * SECONDS_PER_DAY))
+            topic_items.append(mine)
+            topic_cdf.append(np.cumsum(np.maximum(popularity[mine] * decay, 1e-300)))
+            topic_births.append(birth[mine])
+    else:
+        birth = np.full(n, -np.inf)
+        for t in range(k):
+            mine = np.flatnonzero((item_topic == t) & ~cold)
+            if len(mine) == 0:  # tiny catalogs: fall back to any warm item
+                mine = np.flatnonzero(~cold)
+            cdf = np.cumsum(
+                np.sqrt(popularity[mine])
+            )  # flatter than the impression popularity: varied histories
+            topic_items.append(mine)
+            topic_cdf.append(cdf / cdf[-1])
 
     return World(
         cfg=cfg,
@@ -142,6 +177,7 @@ def build_world(cfg: SynthConfig) -> World:
         item_category=category,
         item_author=author,
         item_cold=cold,
+        item_birth=birth,
         user_ids=scramble_ids(np.arange(u), salt=2),
         user_topics=user_topics,
         user_topic_weights=weights,
@@ -152,11 +188,31 @@ def build_world(cfg: SynthConfig) -> World:
         topic_items=topic_items,
         topic_item_cdf=topic_cdf,
         topic_share=topic_share,
+        topic_births=topic_births,
     )
 
 
-def sample_topic_items(world: World, topics: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One warm item per entry of `topics`, popularity-weighted within its topic."""
+def item_births(cfg: SynthConfig) -> np.ndarray:
+    """Churn world: birth times (seconds) at a steady rate over the 1 / new_items_per_day days before the log's end,
+    one in each of n equal slots (jittered), the slots dealt to the items at random. Its own stream: the static
+    world's draws are untouched."""
+    rng = stream(cfg.seed, WORLD, 2)
+    n = cfg.num_items
+    span = SECONDS_PER_DAY / cfg.new_items_per_day
+    slots = (np.arange(n) + rng.random(n)) / n
+    return cfg.days * SECONDS_PER_DAY - span + span * slots[rng.permutation(n)]
+
+
+def sample_topic_items(
+    world: World, topics: np.ndarray, rng: np.random.Generator, times: np.ndarray | float | None = None
+) -> np.ndarray:
+    """One warm item per entry of `topics`, popularity-weighted within its topic. Churn world: among the items born
+    by `times` (one per entry, or one for all), weighted by popularity and age; -1 where the topic had none yet."""
+    if world.churn:
+        assert times is not None, "the churn world samples items at a time"
+        return _sample_alive(
+            world, topics, np.broadcast_to(np.asarray(times, dtype=float), topics.shape), rng
+        )
     out = np.empty(len(topics), dtype=np.int64)
     for t in np.unique(topics):
         where = np.flatnonzero(topics == t)
@@ -165,11 +221,34 @@ def sample_topic_items(world: World, topics: np.ndarray, rng: np.random.Generato
     return out
 
 
+def _sample_alive(
+    world: World, topics: np.ndarray, times: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    out = np.empty(len(topics), dtype=np.int64)
+    draws = rng.random(len(topics))
+    for t in np.unique(topics):
+        where = np.flatnonzero(topics == t)
+        alive = np.searchsorted(world.topic_births[t], times[where], side="right")  # born by then: a prefix
+        cdf = world.topic_item_cdf[t]
+        total = np.where(alive > 0, cdf[np.maximum(alive - 1, 0)], 0.0)
+        pick = np.minimum(np.searchsorted(cdf, draws[where] * total, side="right"), np.maximum(alive - 1, 0))
+        out[where] = np.where(alive > 0, world.topic_items[t][pick], -1)
+    return out
+
+
+def alive_items(world: World, t: float) -> np.ndarray:
+    """Churn world: every item born by t, oldest first (static world: every warm item)."""
+    if not world.churn:
+        return np.flatnonzero(~world.item_cold)
+    born = np.flatnonzero(world.item_birth <= t)
+    return born[np.argsort(world.item_birth[born], kind="stable")]
+
+
 def user_timeline(world: World, user: int) -> tuple[np.ndarray, np.ndarray]:
     """The user's clicks (times in seconds, item indices), sorted by time, from PRE_DAYS before the log to its end.
 
     Drawn from the user's interests, independently of the logged impressions, so any shard can compute any user's
-    history without global state.
+    history without global state. Churn world: clicks at times when the topic had no item yet are dropped.
     """
     cfg = world.cfg
     rng = stream(cfg.seed, USER_TIMELINE, user)
@@ -177,7 +256,9 @@ def user_timeline(world: World, user: int) -> tuple[np.ndarray, np.ndarray]:
     n = rng.poisson(world.user_history_rate[user] * (PRE_DAYS + cfg.days))
     times = np.sort(rng.uniform(start, end, size=n))
     topics = world.user_topics[user][rng.choice(3, size=n, p=world.user_topic_weights[user])]
-    return times, sample_topic_items(world, topics, rng)
+    items = sample_topic_items(world, topics, rng, times)
+    keep = items >= 0
+    return times[keep], items[keep]
 
 
 def click_logit(
