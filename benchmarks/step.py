@@ -105,8 +105,14 @@ def ensure_data(args: argparse.Namespace) -> Path:
     return out
 
 
+def train_shards(args: argparse.Namespace) -> int:
+    """The train split's full shards (2% of the samples are eval): each reader (rank x worker) needs shards of
+    its own for a full batch, so no more workers than this."""
+    return max(1, math.floor(args.samples * 0.98 / args.samples_per_shard))
+
+
 def run_overrides(args: argparse.Namespace, variant: str, data: Path, out_dir: str, gpus: int) -> list[str]:
-    workers = max(1, args.workers // gpus) if args.reader else 0
+    workers = max(1, min(args.workers // gpus, train_shards(args) // gpus)) if args.reader else 0
     return [
         f'data.path="{data}"',
         f"data.batch_size={args.batch_size}",
