@@ -298,3 +298,22 @@ def test_item_id_dropout_stands_a_learned_new_item_embedding_in_for_the_id(
     small_dataset: Path, tmp_path: Path
 ) -> None:
     in_process(_new_item_embedding, str(small_dataset), str(tmp_path / "run"))
+
+
+def test_lr_multipliers_for_a_part_this_config_does_not_build_are_ignored() -> None:
+    """A table's ID-only arm under the same --set as its content arms: `content` is None there, not a typo."""
+    from trainer.config import ConfigError, load_config
+    from trainer.engine import param_groups
+
+    class Dense(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ranker = nn.Linear(2, 2)
+            self.content = None
+
+    cfg = load_config("tiny", ['optimizer.lr_multipliers={"content.text" = 0.1}'])
+    groups = param_groups(cfg, Dense())
+    assert [g["lr"] for g in groups] == [cfg.optimizer.lr]
+    cfg.optimizer.lr_multipliers = {"rankr": 0.1}
+    with pytest.raises(ConfigError, match=r"\['rankr'\] name no parameter"):
+        param_groups(cfg, Dense())

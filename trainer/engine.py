@@ -95,7 +95,14 @@ def param_groups(cfg: Config, module: nn.Module) -> list[dict[str, Any]]:
     wins), the base rate's group first (the one the log line reports)."""
     multipliers = cfg.optimizer.lr_multipliers
     named = list(module.named_parameters())
-    unknown = [k for k in multipliers if not any(n == k or n.startswith(k + ".") for n, _ in named)]
+    # A part this config does not build (`content` with model.use_content = false: a table's ID-only arm under the
+    # same --set) names nothing to scale, which is no typo.
+    absent = [k for k in multipliers if getattr(module, k.split(".")[0], ...) is None]
+    unknown = [
+        k
+        for k in multipliers
+        if k not in absent and not any(n == k or n.startswith(k + ".") for n, _ in named)
+    ]
     if unknown:
         parts = sorted({n.split(".")[0] for n, _ in named})
         raise ConfigError(
