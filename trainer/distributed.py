@@ -78,6 +78,17 @@ def close_distributed(failed: bool = False) -> None:
         pass
 
 
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` (the same shape on each) concatenated along dim 0 in rank order; itself on one rank.
+    For a small per-step tensor that replicated state must see from all ranks (the ID-frequency gate's target rows):
+    a device-side collective, no host sync."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
 @contextlib.contextmanager
 def ending_job() -> Iterator[None]:
     """The body of a job (train, eval, export) on each rank. It ends with `close_distributed()`; when this rank

@@ -35,7 +35,7 @@ from trainer.data.prefetch import DevicePrefetcher
 from trainer.data.reader import BatchStream, images_from_cache, make_batch_stream
 from trainer.data.spec import read_spec
 from trainer.data.text_fields import with_dataset_text
-from trainer.distributed import DistInfo, StopSignals
+from trainer.distributed import DistInfo, StopSignals, all_gather_rows
 from trainer.engine import (
     EngineState,
     autocast_dtype,
@@ -283,6 +283,7 @@ class Trainer:
             self.engine.step()
         measure = (self.step + 1) % self.cfg.logging.log_every == 0
         self.step_module.after_step(batch, output, self.step, measure)
+        self.model.count_targets(batch, gather=all_gather_rows)  # the ID-frequency gate's counts (if on)
         return loss.detach()
 
     def enter_phase(self, phase: int) -> None:

@@ -275,8 +275,20 @@ class ModelConfig:
     item_id_dropout: float = 0.0
     """Cold start: > 0 gives the model a learned "new item" embedding that stands in for the target's item-ID
     embedding in the ranker's input, for a random share p of the rows in training and for every item absent from
-    training (`cold`) in eval and serving, whose ID row never trained. The model so learns to score an item from its
-    content and its other features alone. 0: off (the ID embedding always)."""
+    training in eval and serving, whose ID row never trained (the dataset's `cold` flag; the counts instead with
+    id_gate_count). The model so learns to score an item from its content and its other features alone. 0: off (the
+    ID embedding always)."""
+    id_gate_count: int = 0
+    """Cold start, gating by ID frequency (k): the dense arch counts each item-table row's impressions as a training
+    target (n, a buffer replicated on every rank and saved with the dense weights), and the ranker reads
+    g * ID embedding + (1 - g) * the learned new-item embedding, g = n / (n + k): a rarely seen item leans on the
+    new-item embedding (its content and other features make up the rest), a frequent one on its own ID. In eval and
+    serving an item whose row has n = 0 never trained and reads the new-item embedding alone (the dataset's `cold`
+    flag is then only for the metrics). Counts are per table row: an unseen id that the hash puts on a trained id's
+    row reads that row. Combines with item_id_dropout (dropped rows read the new-item embedding). 0: off."""
+    id_gate_history: str = "gate"
+    """With id_gate_count > 0, the history tokens' ID embeddings: gate (the target's g per token), cold (the new-item
+    embedding for items with n = 0, the ID row otherwise) or off (the ID rows as they are)."""
     ranker: str = "rankmixer"
     """rankmixer or dlrm_mlp (the papers' baseline); `trainer/config/registry.py`: RANKERS."""
     ranker_tokens: int = 8
@@ -310,6 +322,12 @@ class ModelConfig:
         check(all(n > 0 for n in self.max_history.values()), f"{p}.max_history", "lengths must be > 0")
         check(self.cic_dim > 0, f"{p}.cic_dim", "must be > 0")
         check(0.0 <= self.item_id_dropout < 1.0, f"{p}.item_id_dropout", "must be in [0, 1)")
+        check(self.id_gate_count >= 0, f"{p}.id_gate_count", "must be >= 0 (0: off)")
+        check(
+            self.id_gate_history in ("gate", "cold", "off"),
+            f"{p}.id_gate_history",
+            "must be gate, cold or off",
+        )
         check(len(self.cic_features) > 0, f"{p}.cic_features", "needs at least one feature")
         check(
             not (self.freeze_content and self.stop_gradient),

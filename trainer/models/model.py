@@ -6,6 +6,7 @@ trainer/engine.py wraps `LemurModel.dense` with DeepSpeed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +81,17 @@ def padded(jt: JaggedTensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
+def target_rows(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target items' item-table rows [B] (0 where a row has none) and whether each row has one [B] bool."""
+    rows, present = padded(batch.sequences["item_id"], 1)
+    return rows[:, 0], present[:, 0]
+
+
+def history_rows(batch: Batch, name: str, length: int) -> torch.Tensor:
+    """A history's item-table rows [B, length], aligned with its tokens (`LemurModel.embed` pads the same way)."""
+    return padded(batch.sequences[name], length)[0]
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.to(values.dtype).unsqueeze(-1)
     return (values * weights).sum(1) / weights.sum(1).clamp(min=1.0)
@@ -92,8 +104,15 @@ class DenseArch(nn.Module):
     bank, and LEMUR's similarity module adds the cosines between the target and history content vectors."""
 
     def __init__(
-        self, cfg: Config, spec: DatasetSpec, pooled_features: list[str], vocab_size: int, pad_token_id: int
+        self,
+        cfg: Config,
+        spec: DatasetSpec,
+        pooled_features: list[str],
+        vocab_size: int,
+        pad_token_id: int,
+        item_rows: int = 0,
     ) -> None:
+        """`item_rows`: the item table's rows (the ID-frequency gate keeps a count per row)."""
         super().__init__()
         model, dim = cfg.model, cfg.embeddings.dim
         self.history_names = list(spec.history)
@@ -108,8 +127,20 @@ class DenseArch(nn.Module):
         self.query = QueryEncoder(model, vocab_size, pad_token_id) if search else None
         self.dense_proj = nn.Linear(len(spec.dense), dim) if spec.dense else None
         self.item_id_dropout = model.item_id_dropout
-        self.new_item = nn.Parameter(torch.zeros(dim)) if model.item_id_dropout > 0 else None
-        """The learned stand-in for the item-ID embedding of a new item (model.item_id_dropout)."""
+        self.id_gate_count = model.id_gate_count
+        self.id_gate_history = model.id_gate_history
+        cold_path = model.item_id_dropout > 0 or model.id_gate_count > 0
+        self.new_item = nn.Parameter(torch.zeros(dim)) if cold_path else None
+        """The learned stand-in for the item-ID embedding of a new item (model.item_id_dropout, id_gate_count)."""
+        if model.id_gate_count > 0 and item_rows <= 0:
+            raise ValueError("model.id_gate_count needs the item table's row count (item_rows)")
+        self.id_counts: torch.Tensor | None
+        self.register_buffer(
+            "id_counts", torch.zeros(item_rows, dtype=torch.long) if model.id_gate_count > 0 else None
+        )
+        """Per item-table row, its impressions as a training target so far (model.id_gate_count): n in the gate.
+        Integer, so a bf16 engine leaves it alone; replicated and saved with the dense weights, so every rank must
+        count the same rows (`count_targets`)."""
         context_dim = (len(pooled_features) + 1 + (1 if spec.dense else 0)) * dim
         if self.content is not None:
             context_dim += model.content_dim
@@ -188,23 +219,66 @@ class DenseArch(nn.Module):
             context += [ranked_query, cosine]
         context_vector = torch.cat(context, dim=-1)
         histories = [
-            self.encode_history(name, embedded, context_vector, ranked_content) for name in self.history_names
+            self.encode_history(name, batch, embedded, context_vector, ranked_content)
+            for name in self.history_names
         ]
         logits = self.ranker(torch.cat([context_vector, *histories], dim=-1))
         cic = self.cic_projections(embedded, content) if self.cic is not None else None
         return DenseOutput(logits, content, query, cic)
 
     def target_id_embedding(self, batch: Batch, target: torch.Tensor) -> torch.Tensor:
-        """The target's item-ID embedding as the ranker reads it: the new-item embedding instead for a random share
-        of the rows in training, and for items absent from training (`batch.cold`) otherwise. The draw is on the
-        device (no host sync)."""
+        """The target's item-ID embedding as the ranker reads it. With the ID-frequency gate, the gated mix of the
+        ID and new-item embeddings (`gated`; n = 0, an item that never trained, reads the new-item embedding). With
+        item_id_dropout, the new-item embedding instead for a random share of the rows in training, and, without
+        the gate (no counts to tell), for the rows the dataset flags absent from training (`batch.cold`) in eval.
+        The draw is on the device (no host sync)."""
         if self.new_item is None:
             return target
-        if self.training:
+        if self.id_counts is not None:
+            target = self.gated(target, self.id_gate(target_rows(batch)[0]))
+        if self.training and self.item_id_dropout > 0:
             new = torch.rand(target.shape[0], device=target.device) < self.item_id_dropout
-        else:
+        elif not self.training and self.id_counts is None:
             new = batch.cold.to(device=target.device, dtype=torch.bool)
+        else:
+            return target
         return torch.where(new[:, None], self.new_item.to(target.dtype).expand_as(target), target)
+
+    def id_gate(self, rows: torch.Tensor) -> torch.Tensor:
+        """g = n / (n + k) for table rows of any shape (n: the row's target impressions in training so far, k:
+        model.id_gate_count): 0 for a row that never trained, -> 1 as it is seen more. A gather, no host sync.
+
+        Counts are per ROW, not per id: an id unseen in training that the hash puts on a trained id's row reads
+        that row's count and embedding (a known limit; TorchRec's managed-collision modules would remove it)."""
+        assert self.id_counts is not None
+        n = self.id_counts[rows].float()
+        return n / (n + self.id_gate_count)
+
+    def gated(self, ids: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """g * ID embedding + (1 - g) * new-item embedding; `gate` [...] against `ids` [..., D]. Exactly the new-item
+        embedding where g = 0."""
+        assert self.new_item is not None
+        g = gate.to(ids.dtype).unsqueeze(-1)
+        return g * ids + (1 - g) * self.new_item.to(ids.dtype)
+
+    def history_id_tokens(self, name: str, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
+        """The history's ID tokens [B, L, D] as the encoders read them: under the ID-frequency gate, items that
+        never trained as a target read the new-item embedding instead of their untrained rows (model.id_gate_history:
+        `cold`), or every token is gated like the target (`gate`)."""
+        if self.id_counts is None or self.id_gate_history == "off":
+            return tokens
+        rows = history_rows(batch, name, tokens.shape[1])
+        if self.id_gate_history == "cold":
+            assert self.id_counts is not None
+            return self.gated(tokens, (self.id_counts[rows] > 0).float())
+        return self.gated(tokens, self.id_gate(rows))
+
+    @torch.no_grad()
+    def count_targets(self, rows: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add `weights` [N] (1 per target impression, 0 for padding) to the counts of table `rows` [N]: on the device,
+        no host sync. The counts are replicated state: every rank must pass the same rows (all ranks' targets)."""
+        if self.id_counts is not None:
+            self.id_counts.index_add_(0, rows.long(), weights.to(self.id_counts.dtype))
 
     def ranked(self, vectors: torch.Tensor | None) -> torch.Tensor | None:
         """Content/query vectors as the ranker reads them: detached under model.stop_gradient."""
@@ -226,9 +300,10 @@ class DenseArch(nn.Module):
         return self.cic["content"](content), self.cic["ids"](ids.to(content.dtype))
 
     def encode_history(
-        self, name: str, embedded: Embedded, context: torch.Tensor, content: torch.Tensor | None
+        self, name: str, batch: Batch, embedded: Embedded, context: torch.Tensor, content: torch.Tensor | None
     ) -> torch.Tensor:
         tokens, mask = embedded.histories[name]
+        tokens = self.history_id_tokens(name, batch, tokens)
         extra = []
         if self.content_dims[name]:
             vectors = self.ranked(self.history_content(name, embedded, tokens))
@@ -269,6 +344,19 @@ class LemurModel(nn.Module):
             history_ids = {name: padded(raw[name], n)[0] for name, n in self.history_lengths.items()}
         return Embedded(pooled, target[:, 0], histories, history_ids)
 
+    def count_targets(
+        self, batch: Batch, gather: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows
+    ) -> None:
+        """After a training step: count the batch's target impressions per item-table row (the ID-frequency gate;
+        nothing without it). `gather`: every rank's [B, 2] (row, weight) pairs concatenated, so that the replicated
+        counts stay the same on every rank; the caller supplies it (the model knows nothing of distribution)."""
+        if self.dense.id_counts is None:
+            return
+        rows, present = target_rows(batch)
+        weights = present & batch.valid.to(device=rows.device, dtype=torch.bool)
+        pairs = gather(torch.stack([rows.long(), weights.long()], dim=1))
+        self.dense.count_targets(pairs[:, 0], pairs[:, 1])
+
 
 def plan_id_tables(spec: DatasetSpec, cfg: EmbeddingsConfig) -> TablePlan:
     """The ID tables for the dataset's features, sized by `embeddings`."""
@@ -291,5 +379,6 @@ def build_model(
     sparse_device: str = "meta",
 ) -> LemurModel:
     sparse = SparseArch(plan, device=sparse_device)
-    dense = DenseArch(cfg, spec, plan.pooled_features, vocab_size, pad_token_id)
+    item_rows = plan.rows[plan.sequence_features[0]]
+    dense = DenseArch(cfg, spec, plan.pooled_features, vocab_size, pad_token_id, item_rows)
     return LemurModel(sparse, dense, history_lengths(spec, cfg.model.max_history))
