@@ -344,6 +344,10 @@ BIG_ITEM_TABLE = "embeddings.hash_sizes={item_id = 100003}"
 its cold eval rows land on a row that trained: the ID-frequency gate then reads them as known)."""
 
 
+CIC = "training.cic_weight=0.1"
+"""EM3's content-ID contrastive alignment (the content vector and the ID embeddings pulled together, in-batch)."""
+
+
 def _cold_start_churn() -> Table:
     def dropout(p: float, *extra: str, name: str = "content", suffix: str = "") -> Variant:
         return Variant(
@@ -362,7 +366,8 @@ def _cold_start_churn() -> Table:
         description="issue 13: on the churn world, ID-only vs content end to end (SQDC) without and with the cold "
         "path (model.item_id_dropout = p: a learned new-item embedding for cold targets), the ID-frequency gate "
         "(model.id_gate_count = k: g * ID + (1 - g) * new-item, g = n / (n + k), targets and history tokens; "
-        "n = 0 is new in eval), and with history content from the memory bank; cold and warm AUC",
+        "n = 0 is new in eval), EM3's CIC alignment (training.cic_weight), and with history content from the memory "
+        "bank; cold and warm AUC",
         baseline="id_only",
         common=(*TEXT_ONLY, *CHURN_WORLD),
         per_size={"small": ("training.steps=400",)},
@@ -391,6 +396,9 @@ def _cold_start_churn() -> Table:
             ),
             dropout(0.5, BIG_ITEM_TABLE, suffix="_big_table"),
             gate(5, 0.5, BIG_ITEM_TABLE, suffix="_big_table"),
+            Variant("content_cic", (*CONTENT_E2E, CIC)),
+            dropout(0.2, CIC, suffix="_cic"),
+            dropout(0.5, CIC, suffix="_cic"),
         ),
         checks=(
             Check(
