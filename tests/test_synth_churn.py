@@ -4,8 +4,6 @@ history items with few or no training impressions, `cold` exact; and the static 
 from __future__ import annotations
 
 import hashlib
-import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import small_config
+from tests.test_synth import records
 from trainer.config import ConfigError, load_config
 from trainer.data.spec import read_spec
 from trainer.dataset_tools.synth.generate import synthesize
@@ -22,14 +21,6 @@ from trainer.dataset_tools.synth.world import EPOCH, SECONDS_PER_DAY, build_worl
 CHURN = ('data.synth.world="churn"', "data.synth.images_per_item=0")
 # The small churn world: 200 items, 4 born a day (0.02 of the catalog), 3-day lifetime, 3,000 samples.
 SMALL_CHURN = (*CHURN, "data.synth.num_samples=3000", "data.synth.samples_per_shard=500")
-
-
-def records(dataset: Path, split: str) -> list[dict]:
-    out = []
-    for info in read_spec(dataset).shards[split]:
-        with tarfile.open(dataset / info.name) as tar:
-            out += [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from trainer.checkpoint import (
 from trainer.config import Config, ConfigError, config_to_toml
 from trainer.content import EVAL, SERVE, TRAIN, BankContent, ContentSource, build_content_source
 from trainer.data.batch import Batch
+from trainer.data.device_decode import decode_batch
 from trainer.data.item_catalog import ItemsParquet
 from trainer.data.prefetch import DevicePrefetcher
 from trainer.data.reader import BatchStream, images_from_cache, make_batch_stream
@@ -267,8 +268,6 @@ class Trainer:
     def to_device(self, batch: Batch) -> Batch:
         """The reader's batch (pinned host memory) on this rank's device, its JPEGs decoded there when the reader
         left them to the device (data.image_decode; a batch already decoded is returned as it is)."""
-        from trainer.data.device_decode import decode_batch
-
         return decode_batch(batch.to(self.info.device, non_blocking=True))
 
     def train_step(self, batch: Batch) -> torch.Tensor:

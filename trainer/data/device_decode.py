@@ -95,6 +95,7 @@ def pil_decode(jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+@functools.cache  # one decoder per device, not one per batch
 def decoder_for(device: torch.device) -> Decoder:
     try:
         return torchvision_decoder(device)

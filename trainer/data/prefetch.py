@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from trainer.data.batch import Batch
+from trainer.data.reader import skip_report
 
 
 @dataclass
@@ -147,8 +148,4 @@ class DevicePrefetcher:
         return self.state_dict()["skipped"]
 
     def report(self) -> str:
-        skipped = self.skipped
-        if not skipped:
-            return "reader: no bad samples"
-        parts = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
-        return f"reader: skipped {sum(skipped.values())} bad samples ({parts})"
+        return skip_report(self.skipped)

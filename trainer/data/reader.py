@@ -23,7 +23,7 @@ import os
 import random
 import signal
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -400,11 +400,15 @@ class BatchStream:
             raise err.with_traceback(None) from None
 
     def report(self) -> str:
-        if not self.skipped:
-            return "reader: no bad samples"
-        total = sum(self.skipped.values())
-        parts = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
-        return f"reader: skipped {total} bad samples ({parts})"
+        return skip_report(self.skipped)
+
+
+def skip_report(skipped: Mapping[str, int]) -> str:
+    """The end-of-training line on the bad samples skipped, by reason."""
+    if not skipped:
+        return "reader: no bad samples"
+    parts = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
+    return f"reader: skipped {sum(skipped.values())} bad samples ({parts})"
 
 
 def images_from_cache(cfg: Config) -> bool:
