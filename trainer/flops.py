@@ -13,6 +13,13 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 MEASURE_AT_STEP = 2  # after warm-up steps, before the loop settles
 
 
+def eager() -> contextlib.AbstractContextManager:
+    """Compiled blocks run eagerly inside: a compiled frame entered under FlopCounterMode (a dispatch mode) is
+    never run compiled again in this process (seen on torch 2.11 and 2.13: every later step ran eager)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 class FlopMeter:
     def __init__(self, device: torch.device) -> None:
         self.flops_per_step: float | None = None
@@ -28,7 +35,7 @@ class FlopMeter:
             yield
             return
         counter = FlopCounterMode(display=False)
-        with counter:
+        with eager(), counter:
             yield
         self.flops_per_step = float(counter.get_total_flops())
 
