@@ -105,14 +105,16 @@ def ensure_data(args: argparse.Namespace) -> Path:
     return out
 
 
-def train_shards(args: argparse.Namespace) -> int:
-    """The train split's full shards (2% of the samples are eval): each reader (rank x worker) needs shards of
-    its own for a full batch, so no more workers than this."""
-    return max(1, math.floor(args.samples * 0.98 / args.samples_per_shard))
+def train_shards(data: Path, batch_size: int) -> int:
+    """The train shards that hold a full batch on their own (dataset.json's counts): each reader (rank x worker)
+    needs shards of its own for a full batch, so no more workers than this."""
+    shards = json.loads((data / "dataset.json").read_text())["shards"]["train"]
+    return max(1, sum(1 for s in shards if s["samples"] >= batch_size))
 
 
 def run_overrides(args: argparse.Namespace, variant: str, data: Path, out_dir: str, gpus: int) -> list[str]:
-    workers = max(1, min(args.workers // gpus, train_shards(args) // gpus)) if args.reader else 0
+    full = train_shards(data, args.batch_size)
+    workers = max(1, min(args.workers // gpus, full // gpus)) if args.reader else 0
     return [
         f'data.path="{data}"',
         f"data.batch_size={args.batch_size}",
@@ -282,8 +284,10 @@ def profile_steps(trainer: Any, batches: list[Any], device: Any, n: int) -> dict
         "phase_gpu_ms": {p: v / n for p, v in phases.items()},
         "phase_host_ms": {p: v / n for p, v in host.items()},
         "top_host_ops": top_host_ops(prof, n),
+        "top_kernels": top_kernels(kernels, n),
         "cpu_ops_per_step": sum(1 for e in cpu if e.name.startswith("aten::")) / n,
         "torch_version": torch.__version__,
+        "dynamo": dynamo_counters(),
     }
 
 
@@ -293,6 +297,25 @@ def top_host_ops(prof: Any, n: int, k: int = 12) -> list[tuple[str, float, float
     rows = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     rows.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
     return [(e.key, e.self_cpu_time_total / n, e.count / n) for e in rows[:k]]
+
+
+def dynamo_counters() -> dict[str, Any]:
+    """torch.compile's own counts so far (frames compiled, graph breaks, recompiles, fallbacks): whether the
+    compiled blocks really run compiled."""
+    from torch._dynamo.utils import counters
+
+    return {group: dict(values) for group, values in counters.items() if values and group != "inductor"}
+
+
+def top_kernels(kernels: list[Any], n: int, k: int = 15) -> list[tuple[str, float, float]]:
+    """The kernels with the most GPU time (µs a step, launches a step), by name: where a step's kernel time goes."""
+    total: dict[str, list[float]] = {}
+    for e in kernels:
+        entry = total.setdefault(e.name, [0.0, 0.0])
+        entry[0] += device_time(e)
+        entry[1] += 1
+    rows = sorted(total.items(), key=lambda kv: kv[1][0], reverse=True)[:k]
+    return [(name[:120], us / n, calls / n) for name, (us, calls) in rows]
 
 
 def sync_caller(event: Any, python: list[Any]) -> str:
@@ -563,6 +586,11 @@ def markdown(report: dict[str, Any]) -> str:
             top = ", ".join(
                 f"{name} {us:,.0f} ({calls:g})" for name, us, calls in r.get("top_host_ops", [])[:8]
             )
+            lines.append(f"- {r['variant']} x{r['gpus']}: {top or '-'}")
+    if any(r.get("top_kernels") for r in report["runs"]):
+        lines += ["", "Kernels with the most GPU time (µs a step, launches a step):", ""]
+        for r in report["runs"]:
+            top = "; ".join(f"`{name}` {us:,.0f} ({calls:g})" for name, us, calls in r.get("top_kernels", []))
             lines.append(f"- {r['variant']} x{r['gpus']}: {top or '-'}")
     lines += ["", "Where the host waits for the device (one step, ops that sync, by calling line):", ""]
     for r in report["runs"]:
