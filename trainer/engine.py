@@ -155,17 +155,18 @@ def wrap_dense(
     return engine
 
 
-def compile_blocks(dense: nn.Module) -> list[str]:
+def compile_blocks(dense: nn.Module, mode: str = "default") -> list[str]:
     """torch.compile the dense arch's heavy blocks in place (`nn.Module.compile`: parameter names and state dicts
-    do not change, so checkpoints and DeepSpeed see the same module). Returns the blocks compiled."""
+    do not change, so checkpoints and DeepSpeed see the same module) in torch.compile's `mode`. Returns the blocks
+    compiled."""
     compiled = []
     for name in ("content", "query", "ranker"):
         block = getattr(dense, name, None)
         if block is not None:
-            block.compile()
+            block.compile(mode=mode)
             compiled.append(name)
     for name, decoder in (getattr(dense, "decoders", None) or {}).items():
-        decoder.compile()
+        decoder.compile(mode=mode)
         compiled.append(f"decoders.{name}")
     return compiled
 

@@ -125,7 +125,7 @@ class Trainer:
         apply_phase(cfg, model, self.full_history, self.state.phase)
         model.dense.to(info.device)
         if cfg.training.compile:
-            log.info("torch.compile: %s", ", ".join(compile_blocks(model.dense)))
+            log.info("torch.compile: %s", ", ".join(compile_blocks(model.dense, cfg.training.compile_mode)))
         self.items = ItemsParquet(Path(cfg.data.path) / "items.parquet", collator)
         dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else torch.float32
         content = build_content_source(
@@ -263,6 +263,8 @@ class Trainer:
 
     def forward(self, batch: Batch, mode: str = TRAIN) -> tuple[torch.Tensor, StepOutput]:
         """The step module on this rank's batch (already on the device) at the current step."""
+        if self.cfg.training.compile and self.cfg.training.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten now
         return self.dmp(batch, self.step, mode)
 
     def to_device(self, batch: Batch) -> Batch:

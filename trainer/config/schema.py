@@ -548,6 +548,10 @@ class TrainingConfig:
     compile: bool = False
     """torch.compile the dense arch's blocks (content and query towers with the fusion, LONGER decoders, ranker):
     fewer, fused kernels; the first steps pay the compile time. Off: eager, the reference path."""
+    compile_mode: str = "default"
+    """torch.compile's mode for those blocks: default, reduce-overhead (each block replayed as a CUDA graph: one
+    launch instead of its hundreds; a step begins with `cudagraph_mark_step_begin`, and a block whose inputs change
+    shape records a graph per shape) or max-autotune-no-cudagraphs (benchmarks each matmul's kernels at compile)."""
     seed: int = 0
     """Seeds model init and everything random in the loop."""
     sqdc_weight: float = 0.0
@@ -575,6 +579,8 @@ class TrainingConfig:
         check(self.eval_every >= 0 and self.checkpoint_every >= 0, f"{p}.eval_every", "must be >= 0")
         check(self.dtype in ("float32", "bfloat16"), f"{p}.dtype", "must be float32 or bfloat16 (not fp16)")
         check(self.bf16_mode in ("weights", "autocast"), f"{p}.bf16_mode", "must be weights or autocast")
+        modes = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+        check(self.compile_mode in modes, f"{p}.compile_mode", f"must be one of {modes}")
         check(self.on_nonfinite in ("stop", "rollback"), f"{p}.on_nonfinite", "must be stop or rollback")
         check(self.max_rollbacks >= 0, f"{p}.max_rollbacks", "must be >= 0")
         check(self.sqdc_weight >= 0, f"{p}.sqdc_weight", "must be >= 0")
