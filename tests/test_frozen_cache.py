@@ -4,14 +4,20 @@ it; the trainable top alone gets gradients either way."""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
 from tests.test_content_source import _trainer, in_process
 from trainer.config.schema import TowerConfig
-from trainer.data.batch import Tokens
+from trainer.data.batch import Batch, Tokens
+from trainer.models.frozen_cache import FrozenFeatureCache
+from trainer.models.fusion import ContentEncoder
 from trainer.models.towers import TextTower, VisionTower
 
 TOWER = TowerConfig(layers=3, hidden=32, heads=2, trainable_top_layers=1)
@@ -79,34 +85,52 @@ CACHED = [
 
 def _same_loss_with_and_without_cache(dataset: str, out: str) -> None:
     cached = _trainer(dataset, CACHED, out + "/cached")  # its reader decodes no image: the cache has them
+    host = _trainer(dataset, [*CACHED, 'model.frozen_cache_placement="host"'], out + "/host")
     plain = _trainer(
         dataset, CACHED[:-1], out + "/plain"
     )  # the same model, decoding and computing everything
-    cached.build_frozen_cache()
-    cache = cached.model.dense.content.frozen_cache
-    assert cache is not None and len(cache) == len(cached.items) and cache.images is not None
-    for (name, a), (_, b) in zip(
-        cached.model.dense.state_dict().items(), plain.model.dense.state_dict().items()
-    ):
-        assert torch.equal(a, b), name  # one seed, one init
-    cached_batches, plain_batches = iter(cached.train_stream), iter(plain.train_stream)
+    for trainer in (cached, host):
+        trainer.build_frozen_cache()
+        cache = trainer.model.dense.content.frozen_cache
+        assert cache is not None and len(cache) == len(trainer.items) and cache.images is not None
+    host.model.dense.content.frozen_cache.rows = not_called  # host placement: no lookup in the full table
+    for other in (host, plain):
+        for (name, a), (_, b) in zip(
+            cached.model.dense.state_dict().items(), other.model.dense.state_dict().items()
+        ):
+            assert torch.equal(a, b), name  # one seed, one init
+    streams = [iter(t.train_stream) for t in (cached, host, plain)]
     for step in range(3):
-        batch, reference = next(cached_batches), next(plain_batches)
+        batch, host_batch, reference = (next(s) for s in streams)
         assert torch.equal(batch.item_id, reference.item_id) and batch.known_item_ids is not None
         assert torch.equal(batch.image_mask, reference.image_mask) and bool(batch.image_mask.any())
         assert batch.images.numel() == 0 and bool(reference.images.any())  # no JPEG decoded, no pixels
+        assert host_batch.frozen_ids is None  # the reader's batch: gathered in to_device
+        moved = host.to_device(host_batch)
+        assert torch.equal(moved.frozen_ids, torch.unique(batch.known_item_ids))
+        assert moved.frozen_text is not None and moved.frozen_images is not None
         losses = []
-        for trainer, b in ((cached, batch), (plain, reference)):
+        for trainer, b in ((cached, batch), (host, moved), (plain, reference)):
             torch.manual_seed(5 + step)  # the top blocks' dropout draws alike
             losses.append(float(trainer.train_step(b)))
             trainer.step += 1
-        assert losses[0] == pytest.approx(losses[1], rel=1e-5), step
-    for (name, a), (_, b) in zip(cached.model.dense.named_parameters(), plain.model.dense.named_parameters()):
-        assert torch.allclose(a, b, atol=1e-5), name  # the same updates: the frozen bottoms got none
+        assert losses[0] == pytest.approx(losses[2], rel=1e-5), step
+        assert losses[1] == pytest.approx(losses[2], rel=1e-5), step
+    for other in (host, plain):
+        for (name, a), (_, b) in zip(
+            cached.model.dense.named_parameters(), other.model.dense.named_parameters()
+        ):
+            assert torch.allclose(a, b, atol=1e-5), name  # the same updates: the frozen bottoms got none
+    eval_host, eval_plain = host.evaluate(), plain.evaluate()  # eval moves its batches with to_device too
+    assert eval_host["logloss"] == pytest.approx(eval_plain["logloss"], rel=1e-4)
+
+
+def not_called(*args: Any) -> None:
+    raise AssertionError("the full table's id lookup ran")
 
 
 @pytest.mark.slow
-def test_cached_and_uncached_steps_give_the_same_loss_and_gradients(
+def test_cached_and_uncached_steps_give_the_same_loss_and_gradients_on_the_device_and_the_host(
     small_dataset: Path, tmp_path: Path
 ) -> None:
     in_process(_same_loss_with_and_without_cache, str(small_dataset), str(tmp_path / "run"))
@@ -149,3 +173,122 @@ def test_with_the_cache_a_sample_whose_item_is_not_in_items_parquet_is_bad(
     with pytest.raises(BadSample, match="item_id.*not_in_items"):
         for _ in make_batch_stream(small_config(data, *CACHED, "data.num_workers=0"), "eval"):
             pass
+
+
+def encoder_and_batch(dataset: Path) -> tuple[ContentEncoder, Batch, Any]:
+    """A content encoder with frozen bottoms (eval mode: no dropout), no cache yet, and a train batch of the plain
+    reader: pixels decoded, every item in items.parquet (`known_item_ids`), fields padded to their longest row."""
+    from tests.conftest import small_config
+    from tests.test_train import FAST_MODEL
+    from trainer.data.item_catalog import ItemsParquet
+    from trainer.data.reader import make_batch_stream
+    from trainer.data.text_fields import with_dataset_text
+
+    cfg = with_dataset_text(small_config(dataset, *FAST_MODEL, *CACHED[:-1], "data.num_workers=0"))
+    stream = make_batch_stream(cfg, "train", pad_to_longest=True)
+    tokenizer = stream.dataset.collator.tokenizer
+    torch.manual_seed(0)
+    encoder = ContentEncoder(cfg.model, len(tokenizer), tokenizer.pad_token_id, cfg.data.image_size).eval()
+    batch = next(iter(stream))
+    assert batch.known_item_ids is not None and bool(batch.images.any())
+    return encoder, batch, ItemsParquet(dataset / "items.parquet", stream.dataset.collator)
+
+
+def encoded(encoder: ContentEncoder, batch: Batch, item_ids: bool = True) -> torch.Tensor:
+    ids = batch.known_item_ids if item_ids else None
+    return encoder(batch.text, batch.images, batch.image_mask, ids, batch.packed_text)
+
+
+def without_pixels(batch: Batch) -> Batch:
+    """As the cached reader sends it: the vision tower cannot run on this batch."""
+    return replace(batch, images=batch.images[..., :0, :0])
+
+
+CPU = torch.device("cpu")
+
+
+def test_host_placement_gives_the_content_vectors_of_the_device_table_and_the_uncached_path(
+    small_dataset: Path,
+) -> None:
+    from trainer.content.bank import encode_rows
+
+    encoder, batch, items = encoder_and_batch(small_dataset)
+    host = copy.deepcopy(encoder)
+    with torch.no_grad():
+        uncached = encoded(encoder, batch, item_ids=False)
+        encoder.use_frozen_cache(items.chunks(), len(items), CPU)
+        host.use_frozen_cache(items.chunks(), len(items), CPU, host=True)
+        on_device = encoded(encoder, without_pixels(batch))
+        assert host.frozen_cache is not None
+        gathered = host.frozen_cache.gather(without_pixels(batch))
+        host.serve(gathered)
+        on_host = encoded(host, gathered)
+        rows = torch.tensor([5, 0, 3])  # the bank's encoder sampling passes some rows' ids only
+        some = encode_rows(host, gathered, rows, grad=False)
+    assert torch.equal(on_host, on_device)  # the same rows of the same table
+    torch.testing.assert_close(on_host, uncached, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(some, on_device[rows], atol=1e-6, rtol=1e-6)
+
+
+def test_to_device_gathers_the_rows_on_the_host_and_the_step_serves_only_them(small_dataset: Path) -> None:
+    from trainer.loop import Trainer
+
+    encoder, batch, items = encoder_and_batch(small_dataset)
+    with torch.no_grad():
+        uncached = encoded(encoder, batch, item_ids=False)
+    encoder.use_frozen_cache(items.chunks(), len(items), CPU, host=True)
+    cache = encoder.frozen_cache
+    assert cache is not None and cache.host and cache.sorted_ids.device == CPU
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(dense=SimpleNamespace(content=encoder)), info=SimpleNamespace(device=CPU)
+    )
+    moved = Trainer.to_device(trainer, without_pixels(batch))  # type: ignore[arg-type]
+    ids = torch.unique(batch.known_item_ids)
+    table_rows = cache.order[torch.searchsorted(cache.sorted_ids, ids)]
+    assert torch.equal(moved.frozen_ids, ids) and len(ids) <= batch.size
+    assert torch.equal(moved.frozen_text, cache.text[table_rows])
+    assert torch.equal(moved.frozen_images, cache.images[table_rows])
+    cache.rows = not_called  # type: ignore[method-assign]  # a step never looks up the full table
+    encoder.serve(moved)  # what LemurStep.forward does first
+    with torch.no_grad():
+        out = encoded(encoder, moved)
+    assert encoder.served is not None and encoder.served.sorted_ids is moved.frozen_ids
+    torch.testing.assert_close(out, uncached, atol=1e-5, rtol=1e-5)
+
+
+def test_host_placement_takes_the_uncached_path_for_an_item_absent_from_the_cache(
+    small_dataset: Path,
+) -> None:
+    encoder, batch, items = encoder_and_batch(small_dataset)
+    with torch.no_grad():
+        uncached = encoded(encoder, batch, item_ids=False)
+    encoder.use_frozen_cache(items.chunks(), len(items), CPU, host=True)
+    full = encoder.frozen_cache
+    assert full is not None and full.text is not None and full.images is not None
+    keep = full.sorted_ids != batch.known_item_ids[0]
+    rows = full.order[keep]
+    encoder.frozen_cache = FrozenFeatureCache.of_items(
+        full.sorted_ids[keep], full.budgets, full.text[rows], full.images[rows], host=True
+    )
+    gathered = encoder.frozen_cache.gather(batch)
+    assert gathered is batch and gathered.frozen_ids is None
+    encoder.serve(gathered)
+    vision_calls = count_vision_calls(encoder)
+    with torch.no_grad():
+        out = encoded(encoder, gathered)  # names its items, but none is served: the pixels are encoded
+    assert vision_calls == [batch.size]
+    torch.testing.assert_close(out, uncached, atol=0.0, rtol=0.0)
+
+
+def count_vision_calls(encoder: ContentEncoder) -> list[int]:
+    assert encoder.vision is not None
+    calls: list[int] = []
+    encoder.vision.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_the_placement_is_device_or_host() -> None:
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="frozen_cache_placement"):
+        load_config("tiny", ['model.frozen_cache_placement="disk"'])

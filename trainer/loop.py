@@ -245,14 +245,16 @@ class Trainer:
 
     def build_frozen_cache(self) -> None:
         """EM3's frozen-feature cache (model.frozen_cache), computed after any resume or weight load, so the frozen
-        bottoms are the weights the run trains with, and under the step's autocast."""
+        bottoms are the weights the run trains with, and under the step's autocast. In host memory
+        (model.frozen_cache_placement), each step serves the rows its batch brought along (`to_device`)."""
         content = self.model.dense.content
         if not self.cfg.model.frozen_cache or content is None:
             return
         device = self.info.device
         autocast = autocast_dtype(self.cfg)
+        host = self.cfg.model.frozen_cache_placement == "host"
         with torch.autocast(device.type, autocast or torch.bfloat16, enabled=autocast is not None):
-            content.use_frozen_cache(self.items.chunks(), len(self.items), device, autocast)
+            content.use_frozen_cache(self.items.chunks(), len(self.items), device, autocast, host)
         if images_from_cache(self.cfg) and content.frozen_cache.images is None:
             raise ConfigError(
                 "model.frozen_cache: the reader leaves images undecoded for the cache, but the vision tower has no "
@@ -269,7 +271,13 @@ class Trainer:
 
     def to_device(self, batch: Batch) -> Batch:
         """The reader's batch (pinned host memory) on this rank's device, its JPEGs decoded there when the reader
-        left them to the device (data.image_decode; a batch already decoded is returned as it is)."""
+        left them to the device (data.image_decode; a batch already decoded is returned as it is). With the
+        frozen-feature cache in host memory, the rows of the batch's items are gathered here first, on the host
+        (on the prefetch thread, beside the step), and go with it (`FrozenFeatureCache.gather`)."""
+        content = self.model.dense.content
+        cache = content.frozen_cache if content is not None else None
+        if cache is not None and cache.host:
+            batch = cache.gather(batch, pin=self.info.device.type == "cuda")
         return decode_batch(batch.to(self.info.device, non_blocking=True))
 
     def train_step(self, batch: Batch) -> torch.Tensor:

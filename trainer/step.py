@@ -66,6 +66,9 @@ class LemurStep(nn.Module):
     def forward(self, batch: Batch, step: int = 0, mode: str = TRAIN) -> tuple[torch.Tensor, StepOutput]:
         """`step`: the global step (the bank's reads and writes are versioned by it, encoder sampling is seeded
         by it); `mode`: train, eval (targets encoded, no dedup join) or serve (content from the bank only)."""
+        encoder = self.model.dense.content
+        if encoder is not None and encoder.frozen_cache is not None and encoder.frozen_cache.host:
+            encoder.serve(batch)  # the frozen-feature rows this batch brought from the host (to_device)
         # The labels name the phases of a step in a torch.profiler trace (benchmarks/step.py reads them).
         with record_function("embed"):
             embedded = self.model.embed(batch)

@@ -299,9 +299,15 @@ class ModelConfig:
     """Per-token width in RankMixer / MLP width in DLRM-MLP."""
     frozen_cache: bool = False
     """EM3's frozen-feature cache: with a tower's trainable_top_layers = k >= 0, compute its frozen bottom (the
-    embeddings and all but the top k blocks) once per item of items.parquet before training, keep the outputs on
-    the device and run only the top k blocks in a step (`trainer/models/frozen_cache.py`; the same losses as
-    without it). Memory: items x tokens (text) or images x patches (vision) x hidden x dtype bytes, on every rank."""
+    embeddings and all but the top k blocks) once per item of items.parquet before training, keep the outputs
+    (frozen_cache_placement) and run only the top k blocks in a step (`trainer/models/frozen_cache.py`; the same
+    losses as without it). Memory: items x tokens (text) or images x patches (vision) x hidden x dtype bytes, on
+    every rank."""
+    frozen_cache_placement: str = "device"
+    """Where the frozen-feature cache's tables live. device: on every rank's device, a step gathers its rows there.
+    host: in host memory (per rank); each batch's rows are gathered there as it is moved to the device (on the
+    prefetch thread, beside the step) and travel with it, so the device holds a batch's rows only, for a copy of
+    them per step (at em3's 224 px, ~0.2 MB per item)."""
 
     def validate(self, p: str) -> None:
         check(
@@ -348,6 +354,11 @@ class ModelConfig:
             not self.frozen_cache or (self.use_content and any(t.has_frozen_bottom for t in towers)),
             f"{p}.frozen_cache",
             "needs use_content and a content tower with a frozen bottom (0 <= trainable_top_layers < layers)",
+        )
+        check(
+            self.frozen_cache_placement in ("device", "host"),
+            f"{p}.frozen_cache_placement",
+            "must be device or host",
         )
 
 

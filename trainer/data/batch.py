@@ -106,6 +106,14 @@ class Batch:
     known_item_ids: torch.Tensor | None = None
     """[B] the target item ids when every valid row's item is in items.parquet (padding rows carry a valid row's
     id), else None: what item-keyed caches of content built from that file take (`ContentEncoder.frozen_cache`)."""
+    frozen_ids: torch.Tensor | None = None
+    """[U] the distinct `known_item_ids`, sorted, when `Trainer.to_device` gathered their frozen-feature cache rows
+    on the host (model.frozen_cache_placement = "host"); None otherwise (the cache is on the device, absent, or
+    lacks an item of the batch: then the uncached path). Row u of the two below is item frozen_ids[u]'s."""
+    frozen_text: torch.Tensor | None = None
+    """[U, ΣL, H] the text tower's frozen-bottom output per item (fields at their full budgets), or None."""
+    frozen_images: torch.Tensor | None = None
+    """[U, N, P, H] the vision tower's frozen-bottom output per item, or None."""
     encoded_images: EncodedImages | None = None
     """The JPEGs left for the device to decode (`data.image_decode = "device"`), until `Trainer.to_device` has
     decoded them into `images` (None after: decoding a decoded batch does nothing)."""

@@ -14,8 +14,8 @@ from trainer.config.schema import ModelConfig
 from trainer.models.frozen_cache import FrozenFeatureCache
 from trainer.models.towers import Encoded, TextTower, VisionTower
 
-if TYPE_CHECKING:
-    from trainer.data.batch import PackedText, Tokens  # torchrec-heavy import; only the annotations need it
+if TYPE_CHECKING:  # torchrec-heavy import; only the annotations need it
+    from trainer.data.batch import Batch, PackedText, Tokens
     from trainer.data.item_catalog import ItemCatalog
 
 DROPOUT = 0.1
@@ -150,6 +150,8 @@ class ContentEncoder(nn.Module):
         self.budgets = list(cfg.text_max_tokens)
         self.frozen_cache: FrozenFeatureCache | None = None
         """EM3's frozen-feature cache (`use_frozen_cache`); a plain attribute, so no state dict or engine sees it."""
+        self.served: FrozenFeatureCache | None = None
+        """Host placement: the current step's batch's rows of the cache (`serve`), the table its calls look up."""
 
     def use_frozen_cache(
         self,
@@ -157,13 +159,30 @@ class ContentEncoder(nn.Module):
         count: int,
         device: torch.device,
         dtype: torch.dtype | None = None,
+        host: bool = False,
     ) -> None:
         """Compute the towers' frozen bottoms once over the catalog (every item of items.parquet; run under the
-        step's autocast, if any) and serve them from then on to every call that names its items."""
-        self.frozen_cache = None  # the old table's memory goes before the new one is built
+        step's autocast, if any) and serve them from then on to every call that names its items: from a table on
+        `device`, or (`host`) from the rows each batch brings along (`FrozenFeatureCache.gather`, `serve`)."""
+        self.frozen_cache = self.served = None  # the old table's memory goes before the new one is built
         self.frozen_cache = FrozenFeatureCache.build(
-            self.text, self.vision, self.fields, self.budgets, chunks, count, device, dtype
+            self.text, self.vision, self.fields, self.budgets, chunks, count, device, dtype, host
         )
+
+    def serve(self, batch: Batch) -> None:
+        """From now on, calls that name items look them up in `batch`'s gathered rows (none: the uncached path).
+        `LemurStep.forward` calls it first: the encoder's callers (the model, the bank, the recompute baseline)
+        pass it item ids only, and the rows must be this step's batch's, not the next one's, which `to_device`
+        gathers meanwhile on the prefetch thread."""
+        self.served = FrozenFeatureCache.served(batch, self.budgets)
+
+    def table_for(self, item_ids: Tensor | None) -> FrozenFeatureCache | None:
+        """Where the frozen features of `item_ids` come from: the device table, the served batch's rows (host
+        placement: the full table is never read here), or nowhere (None: the uncached path)."""
+        cache = self.frozen_cache
+        if item_ids is None or cache is None:
+            return None
+        return self.served if cache.host else cache
 
     def encode(
         self, text: dict[str, Tokens], images: Tensor, image_mask: Tensor, item_ids: Tensor | None = None
@@ -171,7 +190,7 @@ class ContentEncoder(nn.Module):
         """The single-modal encodings; image is None without a vision tower (with N == 0 it holds no tokens).
         `item_ids`: the items' ids when every one is in items.parquet, so the frozen-feature cache may serve them."""
         fields = [text[f] for f in self.fields]
-        cache = self.frozen_cache if item_ids is not None else None
+        cache = self.table_for(item_ids)
         rows = cache.rows(item_ids) if cache is not None else None
         if cache is not None and cache.text is not None:
             mask = torch.cat([f.attention_mask for f in fields], dim=1)
@@ -195,7 +214,7 @@ class ContentEncoder(nn.Module):
         """`packed`: the same text without its padding (`Batch.packed_text`), encoded bucket by bucket (every row is
         encoded on its own, so the rows may go in any grouping); not with the frozen-feature cache, which serves
         the text tower's bottom by item instead."""
-        if packed is not None and (self.frozen_cache is None or item_ids is None):
+        if packed is not None and self.table_for(item_ids) is None:
             return self.forward_packed(packed, images, image_mask)
         return self.fusion(*self.encode(text, images, image_mask, item_ids))
 
