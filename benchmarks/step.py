@@ -105,16 +105,20 @@ def ensure_data(args: argparse.Namespace) -> Path:
     return out
 
 
-def train_shards(data: Path, batch_size: int) -> int:
-    """The train shards that hold a full batch on their own (dataset.json's counts): each reader (rank x worker)
-    needs shards of its own for a full batch, so no more workers than this."""
-    shards = json.loads((data / "dataset.json").read_text())["shards"]["train"]
-    return max(1, sum(1 for s in shards if s["samples"] >= batch_size))
+def reader_workers(data: Path, batch_size: int, gpus: int, wanted: int) -> int:
+    """The most reader workers per rank, up to `wanted`, that each get a full batch from their shards whatever
+    order an epoch deals the shards in (dataset.json's train counts): every reader (rank x worker) reads shards of
+    its own, and the worst-off one gets the fewest and smallest."""
+    sizes = sorted(s["samples"] for s in json.loads((data / "dataset.json").read_text())["shards"]["train"])
+    for workers in range(wanted, 0, -1):
+        fewest = len(sizes) // (gpus * workers)
+        if fewest and sum(sizes[:fewest]) >= batch_size:
+            return workers
+    return 1
 
 
 def run_overrides(args: argparse.Namespace, variant: str, data: Path, out_dir: str, gpus: int) -> list[str]:
-    full = train_shards(data, args.batch_size)
-    workers = max(1, min(args.workers // gpus, full // gpus)) if args.reader else 0
+    workers = reader_workers(data, args.batch_size, gpus, max(1, args.workers // gpus)) if args.reader else 0
     return [
         f'data.path="{data}"',
         f"data.batch_size={args.batch_size}",
