@@ -3,7 +3,9 @@
 Pooled features (user_id, query_id, the sparse features) get one EmbeddingBagCollection table each. The target item
 and the history sequences share one EmbeddingCollection table ("item"), so target and history embeddings live in
 one space. Ids are hashed into rows before the collections see them (`hash_kjt`, run by the reader's collate), so
-the sharded collections take a batch's KeyedJaggedTensors as they are.
+the sharded collections take a batch's KeyedJaggedTensors as they are. With embeddings.id_map = "vocab" the item
+table's features are looked up instead (`trainer/data/id_vocab.py`: a row per train item, one reserved row for every
+other id) into the same rows `plan_tables` sizes; the pooled features stay hashed.
 """
 
 from __future__ import annotations
@@ -97,12 +99,18 @@ def hash_kjt(kjt: KeyedJaggedTensor, rows: dict[str, int]) -> KeyedJaggedTensor:
     per_key = kjt.length_per_key()
     counts = torch.tensor(per_key, dtype=torch.int64, device=device)
     per_value = torch.repeat_interleave(sizes, counts, output_size=kjt.values().numel())
+    return with_values(kjt, hash_ids(kjt.values(), per_value))
+
+
+def with_values(kjt: KeyedJaggedTensor, values: torch.Tensor) -> KeyedJaggedTensor:
+    """`kjt` with its values replaced one for one (ids -> rows): keys, lengths and the per-key lengths and offsets
+    (kept on the host when known, so TorchRec never reads them back from the device) are unchanged."""
     return KeyedJaggedTensor(
         keys=kjt.keys(),
-        values=hash_ids(kjt.values(), per_value),
+        values=values,
         lengths=kjt.lengths(),
         stride=kjt.stride(),
-        length_per_key=per_key,
+        length_per_key=kjt.length_per_key(),
         offset_per_key=kjt.offset_per_key(),
     )
 

@@ -372,6 +372,15 @@ class EmbeddingsConfig:
     """Raw int64 ids are hashed into this many rows per table (per feature overrides: hash_sizes)."""
     hash_sizes: dict[str, int] = field(default_factory=dict)
     """Per-feature row counts, e.g. {item_id = 1000003}."""
+    id_map: str = "hash"
+    """How item ids become item-table rows (the target item_id and the histories, which share that table; the other
+    features are always hashed). hash: hashed like every feature, so ids collide, and an item absent from training
+    can land on a row a training item trained (27% of the churn world's cold eval rows), which the ID-frequency gate
+    then reads as known. vocab: every item id of the train split (targets and history items) gets a row of its own
+    and every other id one reserved row that nothing trains, so eval and serving read ids absent from training as
+    new items (gate count 0). The vocabulary is built once per dataset from the train shards and cached beside it
+    (`trainer/data/id_vocab.py`); the train ids must fit the item table with the reserved row, else the run stops
+    with the counts (raise hash_sizes.item_id)."""
     sharding_types: list[str] = field(default_factory=lambda: ["table_wise", "row_wise", "column_wise"])
     """Sharding types the planner may choose (`embeddings/registry.py`: SHARDING_TYPES; data_parallel is refused:
     see the README). On CPU only table_wise, column_wise and table_column_wise apply."""
@@ -387,6 +396,7 @@ class EmbeddingsConfig:
         check(self.dim > 0, f"{p}.dim", "must be > 0")
         check(self.hash_size > 0, f"{p}.hash_size", "must be > 0")
         check(all(v > 0 for v in self.hash_sizes.values()), f"{p}.hash_sizes", "sizes must be > 0")
+        check(self.id_map in ("hash", "vocab"), f"{p}.id_map", f"must be hash or vocab (got {self.id_map!r})")
         check(
             "data_parallel" not in self.sharding_types,
             f"{p}.sharding_types",

@@ -16,6 +16,7 @@ from embeddings.tables import hash_kjt
 from trainer.config.schema import ConfigError
 from trainer.data.batch import Batch, EncodedImages, PackedText, Tokens
 from trainer.data.decode import EncodedJpeg
+from trainer.data.id_vocab import IdVocab
 from trainer.data.item_tokens import ItemTokens
 from trainer.data.spec import DatasetSpec
 
@@ -50,6 +51,10 @@ class CollateSpec:
     table_rows: dict[str, int] | None = None
     """Hash every id into its table's rows (the trainer's table plan), so the sharded collections take the batch
     as it is; None: the batch keeps raw ids."""
+    id_vocab: IdVocab | None = None
+    """embeddings.id_map = "vocab" (with table_rows): the item-id sequences are looked up in the train split's item
+    vocabulary (a row per train item, one reserved row for every other id) instead of hashed; the pooled features
+    are still hashed."""
     raw_histories: bool = False
     """Also keep the histories' raw item ids (`Batch.raw_histories`, for the memory bank)."""
     pad_to_longest: bool = False
@@ -91,6 +96,7 @@ def collate_spec(
     raw_histories: bool = False,
     pad_to_longest: bool = False,
     text_buckets: int = 0,
+    id_vocab: IdVocab | None = None,
 ) -> CollateSpec:
     missing = [f for f in text_fields if f not in spec.text]
     if missing:
@@ -112,6 +118,7 @@ def collate_spec(
         raw_histories=raw_histories,
         pad_to_longest=pad_to_longest,
         text_buckets=text_buckets,
+        id_vocab=id_vocab,
     )
 
 
@@ -304,7 +311,9 @@ class Collator:
             per_key = sequences.length_per_key()[1:]
             raw_histories = keyed(s.sequences, sequences.values()[n:], sequences.lengths()[n:], n, per_key)
         if s.table_rows is not None:
-            sparse, sequences = hash_kjt(sparse, s.table_rows), hash_kjt(sequences, s.table_rows)
+            sparse = hash_kjt(sparse, s.table_rows)
+            vocab = s.id_vocab
+            sequences = vocab.map_kjt(sequences) if vocab is not None else hash_kjt(sequences, s.table_rows)
         return Batch(
             sparse=sparse,
             sequences=sequences,

@@ -37,6 +37,7 @@ from trainer.data.batch import Batch
 from trainer.data.collate import CollateSpec, Collator, collate_spec, empty_sample
 from trainer.data.decode import BadSample, Limits, RawSample, SkipCounter, parse_sample, tar_samples
 from trainer.data.device_decode import resolve_image_decode
+from trainer.data.id_vocab import id_vocab_for
 from trainer.data.item_tokens import ItemTokens, load_item_tokens
 from trainer.data.shard_lists import ShardRef, assign_shards, epoch_order, expand_shards, reader_sample_counts
 from trainer.data.spec import DatasetSpec, read_spec
@@ -473,6 +474,7 @@ def make_batch_stream(
     )
     collate.pixels = pixels
     collate.jpeg_on_device, collate.bad_input = on_device, data.bad_input
+    collate.id_vocab = id_vocab_for(cfg, spec, table_rows)  # embeddings.id_map = "vocab": the item ids' rows
     items = load_item_tokens(Path(data.path) / "items.parquet", tokenizer, collate.text_fields)
     dataset = ShardDataset(shards, spec, collate, tokenizer, settings, rank, world_size, items)
     return BatchStream(dataset, pin_memory=pin_memory, epochs=epochs if split == "train" else 1)

@@ -348,6 +348,11 @@ CIC = "training.cic_weight=0.1"
 """EM3's content-ID contrastive alignment (the content vector and the ID embeddings pulled together, in-batch)."""
 
 
+VOCAB = 'embeddings.id_map="vocab"'
+"""Issue 13's item vocabulary instead of hashing (`trainer/data/id_vocab.py`): a row of its own per train item, one
+reserved row (never trained, gate count 0) for every item absent from training; the table keeps its default rows."""
+
+
 def _cold_start_churn() -> Table:
     def dropout(p: float, *extra: str, name: str = "content", suffix: str = "") -> Variant:
         return Variant(
@@ -399,6 +404,11 @@ def _cold_start_churn() -> Table:
             Variant("content_cic", (*CONTENT_E2E, CIC)),
             dropout(0.2, CIC, suffix="_cic"),
             dropout(0.5, CIC, suffix="_cic"),
+            gate(5, 0.5, CIC, suffix="_cic"),
+            Variant("id_only_vocab", (*ID_ONLY, VOCAB)),
+            gate(5, 0.5, VOCAB, suffix="_vocab"),
+            dropout(0.5, CIC, VOCAB, suffix="_cic_vocab"),
+            gate(5, 0.5, CIC, VOCAB, suffix="_cic_vocab"),
         ),
         checks=(
             Check(
