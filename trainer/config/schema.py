@@ -154,9 +154,10 @@ class DataConfig:
     """> 0: the reader also packs the target items' text (real tokens only, rows sorted by length into this many
     buckets, each padded to its own longest row) and the content encoder runs bucket by bucket wherever it encodes
     every row of a batch: the same function, without the work on padding. 0: the padded fields (the reference).
-    Measured on one H200 at the lemur shapes (compiled): 4 buckets made the step slower (73 -> 93 ms without the
-    bank), as it is bound by kernel launches there and each bucket launches the towers again; it pays where tower
-    FLOPs bound the step (long, unevenly filled texts; big towers)."""
+    Measured on one H200 at the lemur shapes (eager: that run's compile fell back after step 2, see
+    benchmarks/README.md): 4 buckets made the step slower (73 -> 93 ms without the bank), as it is bound by kernel
+    launches there and each bucket launches the towers again; it pays where tower FLOPs bound the step (long,
+    unevenly filled texts; big towers). Not measured with the blocks really compiled."""
     seed: int = 0
     """Seeds shard order and the shuffle buffer (with the epoch, rank and worker)."""
     synth: SynthConfig = field(default_factory=SynthConfig)
