@@ -308,7 +308,11 @@ def dynamo_counters() -> dict[str, Any]:
     compiled blocks really run compiled."""
     from torch._dynamo.utils import counters
 
-    return {group: dict(values) for group, values in counters.items() if values and group != "inductor"}
+    return {
+        group: dict(values)
+        for group, values in counters.items()
+        if values and group not in ("inductor", "aten_mm_info")
+    }
 
 
 def top_kernels(kernels: list[Any], n: int, k: int = 15) -> list[tuple[str, float, float]]:

@@ -13,7 +13,13 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainer.models.sequence import HistoryCrossAttention, LongerDecoder, history_keys, similarity_features
+from trainer.models.sequence import (
+    HistoryCrossAttention,
+    LongerDecoder,
+    Similarity,
+    history_keys,
+    similarity_features,
+)
 
 B, L, DIM, HIST, HEADS = 4, 9, 16, 12, 2
 
@@ -80,6 +86,24 @@ def test_decoder_matches_loop() -> None:
     got = dec(query, history, mask)
     assert got.shape == (B, DIM)
     torch.testing.assert_close(got, decoder_reference(dec, query, history, mask), atol=1e-10, rtol=1e-10)
+
+
+def test_content_joined_in_the_decoder_is_the_joined_history() -> None:
+    """The ID part and the content part given apart (the content in another dtype) read as their concatenation."""
+    dec = decoder()
+    query, history, mask = inputs()
+    split = HIST // 3
+    ids, content = history[..., :split], history[..., split:].float()
+    joined = torch.cat([ids, content.double()], dim=-1)
+    torch.testing.assert_close(dec(query, ids, mask, content), dec(query, joined, mask), atol=0, rtol=0)
+
+
+def test_similarity_module_is_the_function() -> None:
+    query, history, mask = inputs()
+    target = torch.randn(B, HIST, dtype=torch.float64)
+    got = Similarity(3)(target, history, mask)
+    torch.testing.assert_close(got, similarity_features(target, history, mask, 3), atol=0, rtol=0)
+    assert not list(Similarity(3).state_dict())  # nothing new in checkpoints
 
 
 def test_several_query_tokens() -> None:

@@ -160,7 +160,7 @@ def compile_blocks(dense: nn.Module, mode: str = "default") -> list[str]:
     do not change, so checkpoints and DeepSpeed see the same module) in torch.compile's `mode`. Returns the blocks
     compiled."""
     compiled = []
-    for name in ("content", "query", "ranker"):
+    for name in ("content", "query", "ranker", "similarity"):
         block = getattr(dense, name, None)
         if block is not None:
             block.compile(mode=mode)

@@ -22,7 +22,7 @@ from trainer.data.spec import DatasetSpec
 from trainer.models.fusion import ContentEncoder, QueryEncoder
 from trainer.models.lora import add_lora
 from trainer.models.ranker import build_ranker
-from trainer.models.sequence import LongerDecoder, similarity_features
+from trainer.models.sequence import LongerDecoder, Similarity
 
 
 @dataclass
@@ -148,6 +148,10 @@ class DenseArch(nn.Module):
             context_dim += model.content_dim + 1
         self.content_dims = history_content_dims(cfg, spec)
         self.similarity_top_k = model.similarity_top_k
+        with_content = any(self.content_dims.values())
+        self.similarity = (
+            Similarity(model.similarity_top_k) if model.similarity_top_k and with_content else None
+        )
         self.decoders = None
         if model.history_encoder == "longer":
             # LONGER: a query token built from every other feature attends over each history (no self-attention).
@@ -305,23 +309,26 @@ class DenseArch(nn.Module):
         tokens, mask = embedded.histories[name]
         tokens = self.history_id_tokens(name, batch, tokens)
         extra = []
+        vectors = None
         if self.content_dims[name]:
+            # In the bank's dtype: the decoder and the similarity module cast them where they read them.
             vectors = self.ranked(self.history_content(name, embedded, tokens))
             assert vectors is not None
-            tokens = torch.cat([tokens, vectors], dim=-1)
-            if self.similarity_top_k:
-                extra.append(similarity_features(content, vectors, mask, self.similarity_top_k))
+            if self.similarity is not None:
+                extra.append(self.similarity(content, vectors, mask))
         if self.decoders is None:
-            encoded = masked_mean(tokens, mask)
+            joined = tokens if vectors is None else torch.cat([tokens, vectors.to(tokens.dtype)], dim=-1)
+            encoded = masked_mean(joined, mask)
         else:
-            encoded = self.decoders[name](self.query_token(context), tokens, mask)
+            encoded = self.decoders[name](self.query_token(context), tokens, mask, vectors)
         return torch.cat([encoded, *extra], dim=-1) if extra else encoded
 
     def history_content(self, name: str, embedded: Embedded, tokens: torch.Tensor) -> torch.Tensor:
-        """The bank's vectors for the history; zeros where none were given (e.g. the single-process reference)."""
+        """The bank's vectors for the history (as the bank holds them); zeros where none were given (e.g. the
+        single-process reference)."""
         if embedded.history_content is None:
             return tokens.new_zeros(*tokens.shape[:2], self.content_dims[name])
-        return embedded.history_content[name].to(tokens.dtype)
+        return embedded.history_content[name]
 
 
 class LemurModel(nn.Module):

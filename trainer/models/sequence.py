@@ -99,9 +99,15 @@ class LongerDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, query_token: Tensor, history: Tensor, mask: Tensor) -> Tensor:
-        """query_token [B, dim] (or [B, Q, dim] for several query tokens); history [B, L, history_dim];
-        mask [B, L] bool. Returns [B, dim] (or [B, Q, dim])."""
+    def forward(
+        self, query_token: Tensor, history: Tensor, mask: Tensor, content: Tensor | None = None
+    ) -> Tensor:
+        """query_token [B, dim] (or [B, Q, dim] for several query tokens); history [B, L, history_dim], or its ID
+        part [B, L, D] with `content` [B, L, history_dim - D] (any float dtype: cast to the history's) joined here,
+        where a compiled decoder fuses the join and the cast into its LayerNorm instead of writing a [B, L,
+        history_dim] copy first; mask [B, L] bool. Returns [B, dim] (or [B, Q, dim])."""
+        if content is not None:
+            history = torch.cat([history, content.to(history.dtype)], dim=-1)
         single = query_token.dim() == 2
         x = query_token.unsqueeze(1) if single else query_token
         keys, attend, nonempty = history_keys(history, mask)
@@ -135,3 +141,16 @@ def similarity_features(
     top, best = cos.masked_fill(~mask, float("-inf")).topk(top_k, dim=1)
     ranked = top.masked_fill(~mask.gather(1, best), fill)
     return torch.cat([in_order, ranked], dim=1).to(target.dtype)
+
+
+class Similarity(nn.Module):
+    """`similarity_features` as a module, so `training.compile` compiles it with the other blocks: eager, its
+    float32 masking, normalisation and cosines write several [B, L, C] float32 tensors a history; compiled they fuse
+    into a pass over the bf16 vectors. No parameters: state dicts do not change."""
+
+    def __init__(self, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+
+    def forward(self, target: Tensor, history: Tensor, mask: Tensor) -> Tensor:
+        return similarity_features(target, history, mask, self.top_k)
