@@ -71,3 +71,9 @@ def test_padded_keeps_the_most_recent_items_like_a_loop() -> None:
     out.sum().backward()
     dropped = [3 + i for i in range(4)]  # the 4 oldest of the 9-long row
     assert values.grad[dropped].abs().sum() == 0 and values.grad.abs().sum() == 2 * (3 + 5 + 5 + 1)
+    low, low_mask = padded(JaggedTensor(values=values, lengths=lengths), 5, torch.bfloat16)
+    assert (
+        low.dtype == torch.bfloat16
+        and torch.equal(low, out.to(torch.bfloat16))
+        and torch.equal(low_mask, mask)
+    )

@@ -71,7 +71,7 @@ class LemurStep(nn.Module):
             encoder.serve(batch)  # the frozen-feature rows this batch brought from the host (to_device)
         # The labels name the phases of a step in a torch.profiler trace (benchmarks/step.py reads them).
         with record_function("embed"):
-            embedded = self.model.embed(batch)
+            embedded = self.model.embed(batch, self.dtype)
             if self.dtype != torch.float32:
                 embedded, batch = self.cast(embedded), replace(batch, dense=batch.dense.to(self.dtype))
         device = embedded.pooled.device.type

@@ -58,13 +58,16 @@ def history_content_dims(cfg: Config, spec: DatasetSpec) -> dict[str, int]:
     }
 
 
-def padded(jt: JaggedTensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """JaggedTensor of [sum(lengths), ...] values -> ([B, max_len, ...], mask), keeping the most recent max_len.
+def padded(
+    jt: JaggedTensor, max_len: int, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """JaggedTensor of [sum(lengths), ...] values -> ([B, max_len, ...], mask), keeping the most recent max_len;
+    `dtype`: the values cast first (the same result as casting the padded tensor, for a smaller one to write).
 
     No host sync: every value is copied to its slot, the dropped (older) ones to one spare slot past the end,
     so nothing is indexed by a data-dependent boolean mask."""
     lengths = jt.lengths().long()
-    values = jt.values()
+    values = jt.values() if dtype is None else jt.values().to(dtype)
     batch = lengths.numel()
     offsets = torch.zeros(batch + 1, dtype=torch.long, device=values.device)
     offsets[1:] = torch.cumsum(lengths, 0)
@@ -341,10 +344,11 @@ class LemurModel(nn.Module):
         self.dense = dense
         self.history_lengths = history_lengths
 
-    def embed(self, batch: Batch) -> Embedded:
+    def embed(self, batch: Batch, dtype: torch.dtype | None = None) -> Embedded:
+        """The batch's embeddings; `dtype`: the histories' (the big part) cast before they are padded."""
         pooled, sequences = self.sparse(batch.sparse, batch.sequences)
         target, _ = padded(sequences["item_id"], 1)
-        histories = {name: padded(sequences[name], n) for name, n in self.history_lengths.items()}
+        histories = {name: padded(sequences[name], n, dtype) for name, n in self.history_lengths.items()}
         history_ids = {}
         if batch.raw_histories is not None:
             raw = batch.raw_histories.to_dict()
