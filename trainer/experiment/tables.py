@@ -405,6 +405,7 @@ def _cold_start_churn() -> Table:
             dropout(0.2, CIC, suffix="_cic"),
             dropout(0.5, CIC, suffix="_cic"),
             gate(5, 0.5, CIC, suffix="_cic"),
+            dropout(0.5, "memory_bank.enabled=true", CIC, name="bank", suffix="_cic"),
             Variant("id_only_vocab", (*ID_ONLY, VOCAB)),
             gate(5, 0.5, VOCAB, suffix="_vocab"),
             dropout(0.5, CIC, VOCAB, suffix="_cic_vocab"),
