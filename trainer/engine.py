@@ -155,10 +155,18 @@ def wrap_dense(
     return engine
 
 
-def compile_blocks(dense: nn.Module, mode: str = "default") -> list[str]:
-    """torch.compile the dense arch's heavy blocks in place (`nn.Module.compile`: parameter names and state dicts
-    do not change, so checkpoints and DeepSpeed see the same module) in torch.compile's `mode`. Returns the blocks
-    compiled."""
+def compile_blocks(dense: nn.Module, mode: str = "default", scope: str = "blocks") -> list[str]:
+    """torch.compile the dense arch in place (`nn.Module.compile`: parameter names and state dicts do not change, so
+    checkpoints and DeepSpeed see the same module) in torch.compile's `mode`. `scope`: blocks (its heavy blocks one
+    by one) or dense (its whole forward as one graph, so the glue between the blocks fuses too; the content tower
+    is compiled on its own as well, for the callers that run it outside that forward: the memory bank). Returns
+    what was compiled."""
+    if scope == "dense":
+        dense.compile(mode=mode)
+        content = getattr(dense, "content", None)
+        if content is not None:
+            content.compile(mode=mode)
+        return ["dense"] + (["content"] if content is not None else [])
     compiled = []
     for name in ("content", "query", "ranker", "similarity"):
         block = getattr(dense, name, None)

@@ -125,7 +125,10 @@ class Trainer:
         apply_phase(cfg, model, self.full_history, self.state.phase)
         model.dense.to(info.device)
         if cfg.training.compile:
-            log.info("torch.compile: %s", ", ".join(compile_blocks(model.dense, cfg.training.compile_mode)))
+            log.info(
+                "torch.compile: %s",
+                ", ".join(compile_blocks(model.dense, cfg.training.compile_mode, cfg.training.compile_scope)),
+            )
         self.items = ItemsParquet(Path(cfg.data.path) / "items.parquet", collator)
         dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else torch.float32
         content = build_content_source(

@@ -574,6 +574,11 @@ class TrainingConfig:
     """torch.compile's mode for those blocks: default, reduce-overhead (each block replayed as a CUDA graph: one
     launch instead of its hundreds; a step begins with `cudagraph_mark_step_begin`, and a block whose inputs change
     shape records a graph per shape) or max-autotune-no-cudagraphs (benchmarks each matmul's kernels at compile)."""
+    compile_scope: str = "blocks"
+    """What training.compile compiles: blocks (the towers, LONGER decoders, similarity module and ranker, each on
+    its own) or dense (the dense arch's whole forward as one graph, so the glue between the blocks, the history
+    joins, the context concatenation and the cosines, fuses as well; the content tower also on its own, for the
+    memory bank, which runs it outside that forward)."""
     seed: int = 0
     """Seeds model init and everything random in the loop."""
     sqdc_weight: float = 0.0
@@ -603,6 +608,7 @@ class TrainingConfig:
         check(self.bf16_mode in ("weights", "autocast"), f"{p}.bf16_mode", "must be weights or autocast")
         modes = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
         check(self.compile_mode in modes, f"{p}.compile_mode", f"must be one of {modes}")
+        check(self.compile_scope in ("blocks", "dense"), f"{p}.compile_scope", "must be blocks or dense")
         check(self.on_nonfinite in ("stop", "rollback"), f"{p}.on_nonfinite", "must be stop or rollback")
         check(self.max_rollbacks >= 0, f"{p}.max_rollbacks", "must be >= 0")
         check(self.sqdc_weight >= 0, f"{p}.sqdc_weight", "must be >= 0")
