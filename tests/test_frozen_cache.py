@@ -136,6 +136,59 @@ def test_cached_and_uncached_steps_give_the_same_loss_and_gradients_on_the_devic
     in_process(_same_loss_with_and_without_cache, str(small_dataset), str(tmp_path / "run"))
 
 
+def _shared_on_two_ranks(rank: int, port: int, dataset: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from tests.test_train import rank_environment
+    from trainer.loop import shared_host_files
+
+    rank_environment(rank, 2, port)
+    os.environ["LOCAL_WORLD_SIZE"] = "2"  # what torchrun sets: both ranks on this host
+    host = [*CACHED, 'model.frozen_cache_placement="host"']
+    t = _trainer(dataset, host, out + "/shared")
+    content = t.model.dense.content
+    runs: list[int] = []
+    bottom = content.text.frozen_features
+    content.text.frozen_features = lambda fields: runs.append(1) or bottom(fields)  # type: ignore[method-assign]
+    t.build_frozen_cache()
+    assert bool(runs) == (rank == 0)  # local rank 0 built it; rank 1 only mapped it
+    files = shared_host_files(t.cfg)
+    dist.barrier()  # local rank 0 removes the names after the build's last barrier
+    assert files is not None and not list(Path(files.prefix).parent.glob(Path(files.prefix).name + "*"))
+    shared = content.frozen_cache
+    assert shared is not None and shared.host and shared.text is not None and shared.images is not None
+    own = _trainer(dataset, [*host, "model.frozen_cache_share=false"], out + f"/own{rank}")
+    own.build_frozen_cache()  # a copy of its own, from the same weights (one seed, one init)
+    mine = own.model.dense.content.frozen_cache
+    assert torch.equal(shared.sorted_ids, mine.sorted_ids) and torch.equal(shared.order, mine.order)
+    assert torch.equal(shared.text, mine.text) and torch.equal(shared.images, mine.images)
+    dist.barrier()
+    if rank == 0:
+        shared.text[0, 0, 0] = 12345.0  # one memory: rank 1 sees the write
+    dist.barrier()
+    assert float(shared.text[0, 0, 0]) == 12345.0
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_local_ranks_share_one_host_copy(small_dataset: Path, tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    from tests.test_train import join_ranks
+    from trainer.distributed import free_port
+
+    ctx, port = mp.get_context("spawn"), free_port()
+    procs = [
+        ctx.Process(target=_shared_on_two_ranks, args=(r, port, str(small_dataset), str(tmp_path)))
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    join_ranks(procs)
+
+
 def test_the_cache_needs_a_frozen_bottom() -> None:
     from trainer.config import ConfigError, load_config
 

@@ -3,9 +3,12 @@ log, checkpoint). The step itself (embed → content → dense → loss) is `tra
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +51,7 @@ from trainer.engine import (
 from trainer.flops import FlopMeter
 from trainer.logger import MetricsLogger
 from trainer.metrics import EvalAccumulator, format_metric
+from trainer.models.frozen_cache import FrozenFeatureCache, HostFiles
 from trainer.models.model import LemurModel, build_model, plan_id_tables
 from trainer.phases import apply_phase, phase_at
 from trainer.step import LemurStep, StepOutput
@@ -256,8 +260,21 @@ class Trainer:
         device = self.info.device
         autocast = autocast_dtype(self.cfg)
         host = self.cfg.model.frozen_cache_placement == "host"
-        with torch.autocast(device.type, autocast or torch.bfloat16, enabled=autocast is not None):
-            content.use_frozen_cache(self.items.chunks(), len(self.items), device, autocast, host)
+        files = shared_host_files(self.cfg) if host else None
+        if files is None or self.info.local_rank == 0:
+            with torch.autocast(device.type, autocast or torch.bfloat16, enabled=autocast is not None):
+                content.use_frozen_cache(
+                    self.items.chunks(), len(self.items), device, autocast, host, files and files.allocate
+                )
+        if files is not None:  # one host copy, built by local rank 0, mapped by the others
+            if self.info.local_rank == 0:
+                files.write_meta()
+            dist.barrier()
+            if self.info.local_rank != 0:
+                content.adopt_frozen_cache(FrozenFeatureCache.from_tables(files.mapped(), content.budgets))
+            dist.barrier()
+            if self.info.local_rank == 0:
+                files.unlink()
         if images_from_cache(self.cfg) and content.frozen_cache.images is None:
             raise ConfigError(
                 "model.frozen_cache: the reader leaves images undecoded for the cache, but the vision tower has no "
@@ -520,3 +537,18 @@ class Window:
     @property
     def steps(self) -> int:
         return len(self.losses)
+
+
+def shared_host_files(cfg: Config) -> HostFiles | None:
+    """Where this host's ranks share the frozen-feature cache's host copy (model.frozen_cache_share), or None for a
+    copy per rank: sharing off, one local rank, or no process group. The name is the same for every local rank of
+    this job (the rendezvous and the run directory) and differs between jobs."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if not cfg.model.frozen_cache_share or local_ranks <= 1 or not dist.is_initialized():
+        return None
+    job = (
+        ":".join(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
+        + f":{Path(cfg.logging.out_dir).resolve()}"
+    )
+    folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    return HostFiles(str(folder / f"lemur-frozen-{hashlib.sha1(job.encode()).hexdigest()[:16]}"))

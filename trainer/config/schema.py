@@ -306,9 +306,13 @@ class ModelConfig:
     every rank."""
     frozen_cache_placement: str = "device"
     """Where the frozen-feature cache's tables live. device: on every rank's device, a step gathers its rows there.
-    host: in host memory (per rank); each batch's rows are gathered there as it is moved to the device (on the
+    host: in host memory (per rank, or per host: frozen_cache_share); each batch's rows are gathered there as it is moved to the device (on the
     prefetch thread, beside the step) and travel with it, so the device holds a batch's rows only, for a copy of
     them per step (at em3's 224 px, ~0.2 MB per item)."""
+    frozen_cache_share: bool = True
+    """With frozen_cache_placement = host and several local ranks (torchrun's LOCAL_WORLD_SIZE): local rank 0 builds
+    one host copy in files under /dev/shm that the host's other ranks map instead of building their own (host memory:
+    one table per host, not per rank); the names are removed once every rank has mapped them. Off: a copy per rank."""
 
     def validate(self, p: str) -> None:
         check(

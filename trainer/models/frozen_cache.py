@@ -22,9 +22,13 @@ rank (each rank's batches may show any item), on its device or in host memory. T
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable
+import math
+import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,6 +41,9 @@ if TYPE_CHECKING:  # torchrec-heavy imports; only the annotations need them
     from trainer.data.item_catalog import ItemCatalog
 
 log = logging.getLogger("lemur")
+
+Allocate = Callable[[str, tuple[int, ...], torch.dtype], Tensor]
+"""Makes a host table: (name, shape, dtype) -> a tensor of that shape (`HostFiles.allocate`)."""
 
 
 class FrozenFeatureCache:
@@ -71,6 +78,19 @@ class FrozenFeatureCache:
         if item_ids.numel() > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any()):
             raise ValueError("frozen-feature cache: item ids must be unique")
         return FrozenFeatureCache(sorted_ids, order, budgets, text, images, host)
+
+    @staticmethod
+    def from_tables(tables: dict[str, Tensor], budgets: list[int]) -> FrozenFeatureCache:
+        """The host table another process built (`HostFiles.mapped`: ids, and text and/or images)."""
+        cache = FrozenFeatureCache.of_items(
+            tables["ids"], budgets, tables.get("text"), tables.get("images"), host=True
+        )
+        log.info(
+            "frozen-feature cache: %d items, %.2f GiB mapped from host memory",
+            len(cache),
+            cache.nbytes / 2**30,
+        )
+        return cache
 
     @staticmethod
     def served(batch: Batch, budgets: list[int]) -> FrozenFeatureCache | None:
@@ -135,15 +155,18 @@ class FrozenFeatureCache:
         device: torch.device,
         dtype: torch.dtype | None = None,
         host: bool = False,
+        allocate: Allocate | None = None,
     ) -> FrozenFeatureCache:
         """One pass of the frozen bottoms (on `device`) over the catalog chunks (`count` items: all of
         items.parquet), written into tables allocated once at their final size, on `device` or in host memory
-        (`host`), in `dtype` (None: as the bottoms return them; under bf16 autocast they return fp32 from their
-        final LayerNorm, and bf16 halves the table at a rounding's cost)."""
+        (`host`; there by `allocate` if given, e.g. in files a host's processes share), in `dtype` (None: as the
+        bottoms return them; under bf16 autocast they return fp32 from their final LayerNorm, and bf16 halves the
+        table at a rounding's cost)."""
         cache_text = text_tower.frozen_layers > 0
         cache_images = vision_tower is not None and vision_tower.frozen_layers > 0
         home = torch.device("cpu") if host else device
-        ids = torch.zeros(count, dtype=torch.long, device=home)
+        make = allocate if host and allocate is not None else device_allocator(home)
+        ids = make("ids", (count,), torch.long)
         text: Tensor | None = None
         images: Tensor | None = None
         start = 0
@@ -159,12 +182,14 @@ class FrozenFeatureCache:
             inputs, pixels, _ = chunk.to(device).inputs(torch.arange(len(chunk), device=device))
             if cache_text:
                 part = text_tower.frozen_features([inputs[f] for f in fields]).to(dtype)
-                text = allocated(text, count, part, home)
+                text = text if text is not None else make("text", (count, *part.shape[1:]), part.dtype)
                 text[start:end] = part
             if cache_images:
                 assert vision_tower is not None
                 part = vision_tower.frozen_features(pixels).to(dtype)
-                images = allocated(images, count, part, home)
+                images = (
+                    images if images is not None else make("images", (count, *part.shape[1:]), part.dtype)
+                )
                 images[start:end] = part
             start = end
         if start != count:
@@ -183,11 +208,57 @@ class FrozenFeatureCache:
         return cache
 
 
-def allocated(table: Tensor | None, count: int, part: Tensor, device: torch.device) -> Tensor:
-    """The table for `count` rows shaped like `part`'s, on `device`, allocated at the first chunk."""
-    if table is None:
-        table = torch.empty(count, *part.shape[1:], dtype=part.dtype, device=device)
-    return table
+def device_allocator(device: torch.device) -> Allocate:
+    """Tables as plain tensors on `device`."""
+    return lambda name, shape, dtype: torch.empty(shape, dtype=dtype, device=device)
+
+
+class HostFiles:
+    """Host tables in files under a shared-memory folder, mapped (MAP_SHARED) by each process that opens them: one
+    copy in host memory for all the local ranks of a host instead of one per rank (model.frozen_cache_share). The
+    builder makes them (`allocate`, then `write_meta`), the others open them (`mapped`), and once every process
+    holds its mapping the names are removed (`unlink`): the memory stays until the last mapping goes, and a crash
+    after that leaves nothing behind."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.meta: dict[str, tuple[list[int], str]] = {}
+
+    def path(self, name: str) -> Path:
+        return Path(f"{self.prefix}-{name}.bin")
+
+    @property
+    def meta_path(self) -> Path:
+        return Path(f"{self.prefix}-meta.json")
+
+    def allocate(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        path, numel = self.path(name), math.prod(shape)
+        need, free = numel * dtype.itemsize, shutil.disk_usage(path.parent).free
+        if need > free:
+            raise ValueError(
+                f"frozen-feature cache: the {name} table needs {need / 2**30:.2f} GiB in {path.parent}, which has "
+                f"{free / 2**30:.2f} GiB free; make it larger (e.g. docker --shm-size) or set "
+                "model.frozen_cache_share = false (a copy per rank)"
+            )
+        self.meta[name] = (list(shape), str(dtype).removeprefix("torch."))
+        return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+
+    def write_meta(self) -> None:
+        self.meta_path.write_text(json.dumps(self.meta))
+
+    def mapped(self) -> dict[str, Tensor]:
+        """Every table the builder wrote, by name, mapped into this process."""
+        meta = json.loads(self.meta_path.read_text())
+        return {
+            name: torch.from_file(
+                str(self.path(name)), shared=True, size=math.prod(shape), dtype=getattr(torch, dtype)
+            ).view(shape)
+            for name, (shape, dtype) in meta.items()
+        }
+
+    def unlink(self) -> None:
+        for path in [*(self.path(name) for name in self.meta), self.meta_path]:
+            path.unlink(missing_ok=True)
 
 
 def taken(table: Tensor | None, rows: Tensor, pin: bool) -> Tensor | None:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from trainer.config.registry import FUSIONS
 from trainer.config.schema import ModelConfig
-from trainer.models.frozen_cache import FrozenFeatureCache
+from trainer.models.frozen_cache import Allocate, FrozenFeatureCache
 from trainer.models.towers import Encoded, TextTower, VisionTower
 
 if TYPE_CHECKING:  # torchrec-heavy import; only the annotations need it
@@ -160,14 +160,19 @@ class ContentEncoder(nn.Module):
         device: torch.device,
         dtype: torch.dtype | None = None,
         host: bool = False,
+        allocate: Allocate | None = None,
     ) -> None:
         """Compute the towers' frozen bottoms once over the catalog (every item of items.parquet; run under the
         step's autocast, if any) and serve them from then on to every call that names its items: from a table on
         `device`, or (`host`) from the rows each batch brings along (`FrozenFeatureCache.gather`, `serve`)."""
         self.frozen_cache = self.served = None  # the old table's memory goes before the new one is built
         self.frozen_cache = FrozenFeatureCache.build(
-            self.text, self.vision, self.fields, self.budgets, chunks, count, device, dtype, host
+            self.text, self.vision, self.fields, self.budgets, chunks, count, device, dtype, host, allocate
         )
+
+    def adopt_frozen_cache(self, cache: FrozenFeatureCache) -> None:
+        """Serve from a cache another process built (model.frozen_cache_share: the host copy of local rank 0)."""
+        self.frozen_cache, self.served = cache, None
 
     def serve(self, batch: Batch) -> None:
         """From now on, calls that name items look them up in `batch`'s gathered rows (none: the uncached path).
