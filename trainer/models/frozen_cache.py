@@ -16,8 +16,9 @@ Where the table lives (`model.frozen_cache_placement`):
   gather copies anyway, into pinned memory, and tens of GB pinned per rank would be memory the OS cannot page.
 
 Memory: items × (text tokens × text hidden + images × patches × vision hidden) × the tower dtype's bytes, on every
-rank (each rank's batches may show any item), on its device or in host memory. The em3 preset's 200k items at
-224 px: ~47 GB in bf16; the log line names the size and the place.
+rank (each rank's batches may show any item), on its device or in host memory; in host memory once per host when its
+local ranks share one copy (`HostFiles`, model.frozen_cache_share). The em3 preset's 200k items at 224 px: ~47 GB in
+bf16; the log line names the size and the place.
 """
 
 from __future__ import annotations
