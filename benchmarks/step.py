@@ -140,6 +140,7 @@ def child(args: argparse.Namespace) -> None:
 
     from trainer.config import load_config
     from trainer.distributed import init_distributed
+    from trainer.flops import eager
     from trainer.loop import Trainer
     from trainer.train import setup_logging
 
@@ -208,16 +209,6 @@ def child(args: argparse.Namespace) -> None:
         trainer.close()
     if info.is_main:
         Path(args.result).write_text(json.dumps(result, indent=1))
-
-
-def eager() -> Any:
-    """Run compiled modules eagerly for a while (torch >= 2.6), else nothing changes."""
-    import contextlib
-
-    import torch
-
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def sync(device: Any) -> None:

@@ -174,19 +174,9 @@ def _shared_on_two_ranks(rank: int, port: int, dataset: str, out: str) -> None:
 
 
 def test_local_ranks_share_one_host_copy(small_dataset: Path, tmp_path: Path) -> None:
-    import multiprocessing as mp
+    from tests.test_train import run_ranks
 
-    from tests.test_train import join_ranks
-    from trainer.distributed import free_port
-
-    ctx, port = mp.get_context("spawn"), free_port()
-    procs = [
-        ctx.Process(target=_shared_on_two_ranks, args=(r, port, str(small_dataset), str(tmp_path)))
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    join_ranks(procs)
+    run_ranks(_shared_on_two_ranks, 2, str(small_dataset), str(tmp_path))
 
 
 def test_the_cache_needs_a_frozen_bottom() -> None:

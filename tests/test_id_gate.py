@@ -266,19 +266,9 @@ def _counts_on_two_ranks(rank: int, port: int, dataset: str, out: str) -> None:
 
 
 def test_two_ranks_count_every_ranks_targets_and_agree(small_dataset: Path, tmp_path: Path) -> None:
-    import multiprocessing as mp
+    from tests.test_train import run_ranks
 
-    from tests.test_train import join_ranks
-    from trainer.distributed import free_port
-
-    ctx, port = mp.get_context("spawn"), free_port()
-    procs = [
-        ctx.Process(target=_counts_on_two_ranks, args=(r, port, str(small_dataset), str(tmp_path / "run")))
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    join_ranks(procs)
+    run_ranks(_counts_on_two_ranks, 2, str(small_dataset), str(tmp_path / "run"))
 
 
 def test_kill_and_resume_with_the_gate_gives_the_same_losses(small_dataset: Path, tmp_path: Path) -> None:

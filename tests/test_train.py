@@ -8,7 +8,9 @@ import multiprocessing as mp
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -60,6 +62,17 @@ def join_ranks(procs: list[mp.Process], timeout: float = 600) -> None:
         if p.is_alive():
             p.kill()
     assert codes == [0] * len(procs), f"train processes exited with {codes}"
+
+
+def run_ranks(target: Callable[..., None], world_size: int, *args: Any) -> None:
+    """Run `target(rank, port, *args)` in `world_size` spawned processes (one rendezvous port) and join them."""
+    from trainer.distributed import free_port
+
+    ctx, port = mp.get_context("spawn"), free_port()
+    procs = [ctx.Process(target=target, args=(r, port, *args)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    join_ranks(procs)
 
 
 def _worker(
