@@ -420,7 +420,13 @@ def sync_sources(trainer: Any, batch: Any) -> list[list[Any]]:
             frames = traceback.extract_stack()[:-1]
             counts[("cuda sync", " <- ".join(where_from(frames)))] += 1
 
-    shown = warnings.showwarning
+    def device_sync(*args: Any, **kwargs: Any) -> None:
+        """A device-wide sync (torch.cuda.synchronize: DeepSpeed's timers used one) is no op the spy sees."""
+        counts[("device sync", " <- ".join(where_from(traceback.extract_stack()[:-1])))] += 1
+        synchronize(*args, **kwargs)
+
+    shown, synchronize = warnings.showwarning, torch.cuda.synchronize
+    torch.cuda.synchronize = device_sync
     with Spy(), warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = cuda_sync
@@ -431,7 +437,7 @@ def sync_sources(trainer: Any, batch: Any) -> list[list[Any]]:
         finally:
             if on_gpu:
                 torch.cuda.set_sync_debug_mode("default")
-            warnings.showwarning = shown
+            warnings.showwarning, torch.cuda.synchronize = shown, synchronize
         trainer.step += 1
     return [[op, where, n] for (op, where), n in counts.most_common()]
 

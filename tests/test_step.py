@@ -190,6 +190,30 @@ def test_a_non_finite_loss_stops_training_naming_its_step(small_dataset: Path, t
     in_process(_non_finite_named, str(small_dataset), str(tmp_path / "run"))
 
 
+def _no_device_syncs(dataset: str, out: str) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    t = _trainer(dataset, BANK, out)
+    accelerator = get_accelerator()
+    synchronize = accelerator.synchronize
+    calls: list[int] = []
+    accelerator.synchronize = lambda *args, **kwargs: calls.append(1) or synchronize(*args, **kwargs)
+    try:
+        stream = iter(t.train_stream)
+        for _ in range(5):  # DeepSpeed's throughput timer starts syncing at its third step
+            t.train_step(next(stream))
+            t.step += 1
+    finally:
+        accelerator.synchronize = synchronize
+    assert calls == [], f"{len(calls)} device synchronizations from DeepSpeed in 5 steps"
+
+
+@pytest.mark.slow
+def test_deepspeed_does_not_synchronize_the_device_in_a_step(small_dataset: Path, tmp_path: Path) -> None:
+    """The host must run ahead of the GPU: a device sync per step idles the GPU while the next step is issued."""
+    in_process(_no_device_syncs, str(small_dataset), str(tmp_path / "run"))
+
+
 def _rolls_back(dataset: str, out: str, rollbacks: int) -> None:
     import json
 

@@ -38,6 +38,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "torch_autocast": {"enabled": bf16_mode(cfg) == "autocast", "dtype": "bfloat16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on by default when it does not own the data loader) synchronizes the device
+        # at every engine forward and step: the GPU then idles while the host issues the next step's first
+        # kernels. The trainer measures its own throughput.
+        "timers": {"throughput": {"enabled": False}},
     }
 
 
