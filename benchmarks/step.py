@@ -242,7 +242,7 @@ def profile_steps(trainer: Any, batches: list[Any], device: Any, n: int) -> dict
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
-    with profile(activities=activities, with_stack=True) as prof:
+    with profile(activities=activities, with_stack=True, record_shapes=True) as prof:
         for i in range(n):
             trainer.train_step(batches[(trainer.step + i) % len(batches)])
             trainer.step += 1
@@ -280,10 +280,44 @@ def profile_steps(trainer: Any, batches: list[Any], device: Any, n: int) -> dict
         "phase_host_ms": {p: v / n for p, v in host.items()},
         "top_host_ops": top_host_ops(prof, n),
         "top_kernels": top_kernels(kernels, n),
+        "top_device_ops": top_device_ops(cpu, n),
         "cpu_ops_per_step": sum(1 for e in cpu if e.name.startswith("aten::")) / n,
         "torch_version": torch.__version__,
         "dynamo": dynamo_counters(),
     }
+
+
+def top_device_ops(cpu: list[Any], n: int, k: int = 15) -> list[tuple[str, str, str, float, float]]:
+    """The ops whose own kernels take the most GPU time (µs a step, calls a step), by op and input shapes, with our
+    innermost Python line around them (the profiler's Python frames are events of their own, enclosing the op in
+    time on its thread; autograd's thread has none: "backward"): which line of the step a kernel comes from."""
+    total: dict[tuple[str, str], list[Any]] = {}
+    for e in cpu:
+        own = float(getattr(e, "self_device_time_total", 0.0))
+        if own > 0 and not getattr(e, "is_user_annotation", False) and not e.name.startswith("cuda"):
+            shapes = ", ".join(str(list(s)) for s in (e.input_shapes or [])[:3] if s)
+            entry = total.setdefault((e.name[:80], shapes), [0.0, []])
+            entry[0] += own
+            entry[1].append(e)
+    ours = [
+        e
+        for e in cpu
+        if ".py(" in e.name and e.name.split(f"{ROOT}/")[-1].startswith(("trainer/", "embeddings/"))
+    ]
+    rows = sorted(total.items(), key=lambda kv: kv[1][0], reverse=True)[:k]
+    out = []
+    for (name, shapes), (us, events) in rows:
+        e = events[0]
+        around = [
+            p
+            for p in ours
+            if p.thread == e.thread
+            and p.time_range.start <= e.time_range.start
+            and p.time_range.end >= e.time_range.end
+        ]
+        where = max(around, key=lambda p: p.time_range.start).name if around else "backward"
+        out.append((name, shapes, where.split(str(ROOT) + "/")[-1], us / n, len(events) / n))
+    return out
 
 
 def top_host_ops(prof: Any, n: int, k: int = 12) -> list[tuple[str, float, float]]:
@@ -596,6 +630,18 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Kernels with the most GPU time (µs a step, launches a step):", ""]
         for r in report["runs"]:
             top = "; ".join(f"`{name}` {us:,.0f} ({calls:g})" for name, us, calls in r.get("top_kernels", []))
+            lines.append(f"- {r['variant']} x{r['gpus']}: {top or '-'}")
+    if any(r.get("top_device_ops") for r in report["runs"]):
+        lines += [
+            "",
+            "Ops whose own kernels take the most GPU time (µs a step, calls a step; input shapes; line):",
+            "",
+        ]
+        for r in report["runs"]:
+            top = "; ".join(
+                f"`{name}` {us:,.0f} ({calls:g}) {shapes} {where}"
+                for name, shapes, where, us, calls in r.get("top_device_ops", [])
+            )
             lines.append(f"- {r['variant']} x{r['gpus']}: {top or '-'}")
     lines += ["", "Where the host waits for the device (one step, ops that sync, by calling line):", ""]
     for r in report["runs"]:

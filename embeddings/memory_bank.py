@@ -75,6 +75,10 @@ def slot_of(item_ids: torch.Tensor, capacity: int) -> torch.Tensor:
     return hash_ids(hash_ids(item_ids, MERSENNE_61) ^ ROW_SALT, capacity)
 
 
+NO_ITEM = -1
+"""The id a read asks for in place of a padding slot: it never hits, whatever was stored."""
+
+
 def owner_of(item_ids: torch.Tensor, world_size: int, capacity: int) -> torch.Tensor:
     """The rank that owns each id: ranks hold consecutive ranges of ceil(capacity / world_size) slots."""
     return torch.div(slot_of(item_ids, capacity), -(-capacity // world_size), rounding_mode="floor")
@@ -199,11 +203,18 @@ class MemoryBank:
 
     @torch.no_grad()
     def read(
-        self, item_ids: torch.Tensor, step: int, dtype: torch.dtype | None = None
+        self,
+        item_ids: torch.Tensor,
+        step: int,
+        dtype: torch.dtype | None = None,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vectors [N, D] (``dtype``, default the bank's; zeros where missed) and the hit mask [N], in request
-        order. Sees every write of steps <= step - max_staleness. A collective."""
+        order. Sees every write of steps <= step - max_staleness. A collective. ``valid`` [N] bool: entries
+        where it is False (padding) read as misses, so the caller need not zero them in a pass of its own."""
         ids = self._ids(item_ids)
+        if valid is not None:
+            ids = torch.where(valid.reshape(-1).to(ids.device), ids, NO_ITEM)
         self._make_visible(step)
         route = self._route(ids)
         requested = self._exchange(_permute(ids, route.order), route)
@@ -439,7 +450,7 @@ class MemoryBank:
     def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Owner side of a read: the rows' vectors (zeros on a miss) and whether the stored id is the one asked."""
         rows = row_of(ids, self.world_size, self.capacity)
-        hit = self.filled[rows] & (self.item_id[rows] == ids)
+        hit = self.filled[rows] & (self.item_id[rows] == ids) & (ids != NO_ITEM)
         return self.vectors.index_select(0, torch.where(hit, rows, self._zero_row)), hit
 
     def _max_over_ranks(self, value: int) -> int:

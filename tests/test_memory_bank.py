@@ -149,6 +149,21 @@ def test_one_process_matches_the_dict() -> None:
     assert bank.stats() == {"rows": BIG, "filled": len(latest(writes)), "evictions": 0, "pending_writes": 0}
 
 
+def test_entries_read_as_invalid_miss_even_where_their_id_is_stored() -> None:
+    """Padding slots are asked for with valid=False: zero vectors and no hit, whatever id they carry (id 0 is a
+    real item here), and the valid entries read as without the mask."""
+    bank = MemoryBank(BIG, DIM)
+    ids = torch.arange(0, 10)
+    bank.write(ids, torch.randn(10, DIM), step=0)
+    valid = torch.arange(10) % 3 != 0
+    vectors, hit = bank.read(ids, step=1, dtype=torch.float32, valid=valid)
+    plain, plain_hit = bank.read(ids, step=1, dtype=torch.float32)
+    assert bool(plain_hit.all())
+    assert torch.equal(hit, valid)
+    assert torch.equal(vectors[valid], plain[valid])
+    assert not bool(vectors[~valid].any())
+
+
 def test_duplicates_in_one_write_last_position_wins() -> None:
     bank = MemoryBank(BIG, DIM, dtype=torch.float32)
     ids = torch.tensor([5, 9, 5, 5, 9])

@@ -126,13 +126,14 @@ class BankContent:
         names, lengths, ids, mask = flat_histories(embedded)
         rows = self.rows(batch, step, mode)
         # One read (a collective) for every history slot and the targets that are not encoded. Masked-out slots
-        # are read too and zeroed after: fixed shapes, so the host never waits for the device (histories are
-        # mostly full, so this costs little).
+        # are asked for as misses (zero vectors): fixed shapes, so the host never waits for the device, and no
+        # pass of its own over the [B, L, D] vectors to zero them.
         n_hist = ids.numel()
         wanted = torch.cat([ids.reshape(-1), batch.item_id[rows.from_bank]])
-        vectors, hit = self.bank.read(wanted, step, dtype=self.dtype)
-        cached = torch.where(mask.unsqueeze(-1), vectors[:n_hist].view(*ids.shape, self.bank.dim), 0.0)
-        hits = hit[:n_hist].view(ids.shape) & mask
+        valid = torch.cat([mask.reshape(-1), torch.ones_like(rows.from_bank, dtype=torch.bool)])
+        vectors, hit = self.bank.read(wanted, step, dtype=self.dtype, valid=valid)
+        cached = vectors[:n_hist].view(*ids.shape, self.bank.dim)
+        hits = hit[:n_hist].view(ids.shape)
         self.coverage = hit_shares(names, lengths, hits, mask)
         target, fresh = self.target(batch, rows, vectors[n_hist:])
         if mode == TRAIN:
