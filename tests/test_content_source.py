@@ -154,13 +154,13 @@ def _run(fn: Callable[..., None], *args: Any) -> None:
     fn(*args)
 
 
-def _trainer(dataset: str, overrides: list[str], out: str) -> Any:
+def _trainer(dataset: str, overrides: list[str], out: str, backend: str = "gloo") -> Any:
     from tests.test_train import FAST_MODEL
     from trainer.distributed import init_distributed
     from trainer.loop import Trainer
     from trainer.train import setup_logging
 
-    info = init_distributed("gloo")
+    info = init_distributed(backend)
     setup_logging(0)
     cfg = small_config(dataset, *FAST_MODEL, *overrides, f'logging.out_dir="{out}"')
     return Trainer(cfg, info)
