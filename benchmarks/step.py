@@ -189,6 +189,7 @@ def child(args: argparse.Namespace) -> None:
         }
         result["samples_per_s_per_gpu"] = result["samples_per_s"] / info.world_size
         result.update(profile_steps(trainer, batches, device, args.profile_steps))
+        result["host_functions"] = host_functions(trainer, batches, device, args.profile_steps)
         result["busy"] = result["kernel_ms"] / result["step_ms"] if device.type == "cuda" else None
         with eager():  # dispatch modes see ops only outside compiled regions: count on an eager step
             result["sync_sources"] = sync_sources(trainer, batches[0])
@@ -285,6 +286,33 @@ def profile_steps(trainer: Any, batches: list[Any], device: Any, n: int) -> dict
         "torch_version": torch.__version__,
         "dynamo": dynamo_counters(),
     }
+
+
+def host_functions(
+    trainer: Any, batches: list[Any], device: Any, n: int, k: int = 40
+) -> list[tuple[str, float, float]]:
+    """The Python functions the host spends a step in (cProfile over `n` steps, no torch profiler: ms a step
+    including callees, ms a step of their own), the k with the most time including callees below the step itself:
+    which library's Python a host-bound step waits on; then those of the k/2 with the most time of their own
+    not already listed."""
+    import cProfile
+    import pstats
+
+    sync(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(n):
+        trainer.train_step(batches[(trainer.step + i) % len(batches)])
+        trainer.step += 1
+    profiler.disable()
+    sync(device)
+    rows = []
+    for (file, line, name), (_, _, own, cumulative, _) in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
+        where = file.split("site-packages/")[-1].split(f"{ROOT}/")[-1]
+        rows.append((f"{where}:{line}({name})", cumulative * 1e3 / n, own * 1e3 / n))
+    by_own = sorted(rows, key=lambda r: r[2], reverse=True)[: k // 2]
+    rows.sort(key=lambda r: r[1], reverse=True)
+    return rows[:k] + [r for r in by_own if r not in rows[:k]]
 
 
 def top_device_ops(cpu: list[Any], n: int, k: int = 15) -> list[tuple[str, str, str, float, float]]:
@@ -539,6 +567,13 @@ def token_shares(fields: list[Any]) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------------ report
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def hardware_name(cpu: bool) -> str:
     if not cpu:
         import torch
@@ -558,7 +593,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"# The training step, {report['date']}, {report['hardware']}",
         "",
         f"Command: `{report['command']}`",
-        f"Commit: {report['commit']}; host {report['host']}; torch {report.get('torch', '-')}.",
+        f"Commit: {report['commit']}; host {report['host']} ({report.get('cpu', '?')}: a step bound by the host "
+        "runs at its speed); "
+        f"torch {report.get('torch', '-')}.",
         f"Shapes: {report.get('preset', 'lemur')} preset{' (small towers)' if report['small'] else ''}, "
         f"batch {report['batch_size']} per GPU, "
         f"histories {report['long_history']} / 50, dataset {report['samples']:,} samples over {report['items']:,} "
@@ -624,6 +661,17 @@ def markdown(report: dict[str, Any]) -> str:
         for r in report["runs"]:
             top = ", ".join(
                 f"{name} {us:,.0f} ({calls:g})" for name, us, calls in r.get("top_host_ops", [])[:8]
+            )
+            lines.append(f"- {r['variant']} x{r['gpus']}: {top or '-'}")
+    if any(r.get("host_functions") for r in report["runs"]):
+        lines += [
+            "",
+            "Python functions with the most host time (cProfile, no torch profiler; ms a step with callees / own):",
+            "",
+        ]
+        for r in report["runs"]:
+            top = "; ".join(
+                f"`{name}` {total:.2f} / {own:.2f}" for name, total, own in r.get("host_functions", [])
             )
             lines.append(f"- {r['variant']} x{r['gpus']}: {top or '-'}")
     if any(r.get("top_kernels") for r in report["runs"]):
@@ -848,6 +896,7 @@ def main() -> int:
         "date": datetime.date.today().isoformat(),
         "hardware": hardware_name(args.cpu),
         "host": platform.node(),
+        "cpu": cpu_model(),
         "commit": commit(),
         "command": "python benchmarks/step.py " + " ".join(sys.argv[1:]),
         "small": args.small,
