@@ -4,6 +4,7 @@ the engine's checkpoint part."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 import sys
@@ -68,7 +69,8 @@ def clips_itself(cfg: Config) -> bool:
 def clip_gradients(cfg: Config, engine: deepspeed.DeepSpeedEngine) -> None:
     """Between `engine.backward` and `engine.step` where `clips_itself`: the global-norm clip, no host sync."""
     if clips_itself(cfg):
-        params = [p for p in engine.module.parameters() if p.grad is not None]
+        # the optimizer's list, not module.parameters(): that walks every submodule (~1 ms a step on an H200 host)
+        params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, cfg.training.grad_clip, foreach=True)
 
 
@@ -156,6 +158,11 @@ def wrap_dense(
     if plain_zero0(cfg) and world_size == 1:
         # One rank has nothing to all-reduce; DeepSpeed would still flatten and copy back every gradient.
         engine.enable_backward_allreduce = False
+    if plain_zero0(cfg):
+        # DeepSpeed's own zero_grad here walks every submodule in Python (`module.named_parameters()`, ~1.3 ms of
+        # host time a lemur step on an H200 host, which bounds the step); the optimizer holds every trainable
+        # tensor, and a frozen one never has a gradient.
+        engine.zero_grad = functools.partial(engine.optimizer.zero_grad, set_to_none=True)
     return engine
 
 
