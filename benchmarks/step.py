@@ -29,7 +29,8 @@ syncs per step (cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchro
 `record_function` labels: h2d, embed, content, dense_forward, loss, backward, optimizer, bank_write). FLOPs are
 counted once with FlopCounterMode over a whole step (matmuls and attention): MFU on padded FLOPs counts every token
 slot, MFU on real-token FLOPs scales the text and query towers' FLOPs by the share of real tokens (linear ops) and
-of real token pairs (attention). Then, reader included: the same trainer reads on (--workers DataLoader workers
+of real token pairs (attention). Then the same steps under cProfile alone: the Python functions the host spends a
+step in. Then, reader included: the same trainer reads on (--workers DataLoader workers
 per rank) for --reader-steps timed steps.
 
 Writes benchmarks/results/step-<date>-<hardware>.md/.json/.png (--out for another folder; --report-from JSON

@@ -68,20 +68,20 @@ GPU_TOLERANCE = 1e-3
 
 def _compare_graphs(dataset: str, out: str) -> None:
     eager, eager_metrics, _ = _losses(dataset, f"{out}/eager", None, cuda=True)
-    graphs, graphs_metrics, ran_compiled = _losses(
-        dataset, f"{out}/graphs", "blocks", "reduce-overhead", cuda=True
-    )
-    assert ran_compiled
-    for a, b in zip(eager, graphs):
-        assert abs(a - b) <= GPU_TOLERANCE * abs(a), (eager, graphs)
-    # eval batches have other shapes than training's: the graphs recorded for them must score the same
-    assert (
-        abs(eager_metrics["logloss"] - graphs_metrics["logloss"]) <= GPU_TOLERANCE * eager_metrics["logloss"]
-    )
+    for scope in ("blocks", "dense"):
+        graphs, graphs_metrics, ran_compiled = _losses(
+            dataset, f"{out}/{scope}", scope, "reduce-overhead", cuda=True
+        )
+        assert ran_compiled, scope
+        for a, b in zip(eager, graphs):
+            assert abs(a - b) <= GPU_TOLERANCE * abs(a), (scope, eager, graphs)
+        # eval batches have other shapes than training's: the graphs recorded for them must score the same
+        eager_logloss, logloss = eager_metrics["logloss"], graphs_metrics["logloss"]
+        assert abs(eager_logloss - logloss) <= GPU_TOLERANCE * eager_logloss, scope
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_train_the_eager_losses(small_dataset: Path, tmp_path: Path) -> None:
-    """training.compile_mode = reduce-overhead (the lemur preset's) replays the compiled blocks as CUDA graphs:
-    the same losses and eval as eager, on the GPU."""
+    """training.compile_mode = reduce-overhead (the lemur preset's) replays the compiled blocks, or the whole dense
+    forward (compile_scope = dense), as CUDA graphs: the same losses and eval as eager, on the GPU."""
     in_process(_compare_graphs, str(small_dataset), str(tmp_path))
