@@ -16,8 +16,8 @@ TOLERANCE = 1e-4
 step rounds differently; measured at <= 2e-7 over these 5 steps and the eval logloss (torch 2.13, CPU)."""
 CONTINUOUS = ["model.similarity_top_k=0"]
 """LEMUR's similarity module picks the top-k history items by cosine: where two nearly tie, a rounding difference
-swaps them, and the update then trains another item's row (one run in about ten drifted 3e-4 by step 5 so). Left
-out of the step comparisons; `test_compiled_similarity_is_the_eager_one` compares the compiled module itself."""
+swaps them, and the update then trains another item's row (most likely why one run in about ten drifted 3e-4 by
+step 5). Left out of the step comparisons; `test_compiled_similarity_is_the_eager_one` compares the module itself."""
 
 
 def _losses(
