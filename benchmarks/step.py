@@ -50,12 +50,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.data_loader import cpu_model  # noqa: E402
 from benchmarks.memory_bank import SMALL_MODEL, timed_run  # noqa: E402  (shared with the bank benchmark)
 
 VARIANTS: dict[str, list[str]] = {
@@ -312,8 +314,8 @@ def host_functions(
         where = file.split("site-packages/")[-1].split(f"{ROOT}/")[-1]
         rows.append((f"{where}:{line}({name})", cumulative * 1e3 / n, own * 1e3 / n))
     by_own = sorted(rows, key=lambda r: r[2], reverse=True)[: k // 2]
-    rows.sort(key=lambda r: r[1], reverse=True)
-    return rows[:k] + [r for r in by_own if r not in rows[:k]]
+    top = sorted(rows, key=lambda r: r[1], reverse=True)[:k]
+    return top + [r for r in by_own if r not in top]
 
 
 def top_device_ops(cpu: list[Any], n: int, k: int = 15) -> list[tuple[str, str, str, float, float]]:
@@ -568,13 +570,6 @@ def token_shares(fields: list[Any]) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def hardware_name(cpu: bool) -> str:
     if not cpu:
         import torch
@@ -587,6 +582,19 @@ def hardware_name(cpu: bool) -> str:
 
 def fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def per_run(
+    report: dict[str, Any],
+    title: str,
+    entries: Callable[[dict[str, Any]], list[str]],
+    sep: str = "; ",
+    empty: str = "-",
+) -> list[str]:
+    """A titled list of one line per run: its entries joined, or `empty`."""
+    return ["", title, ""] + [
+        f"- {r['variant']} x{r['gpus']}: {sep.join(entries(r)) or empty}" for r in report["runs"]
+    ]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -658,48 +666,49 @@ def markdown(report: dict[str, Any]) -> str:
                     + " | ".join(f"{host[p]:.1f}" for p in PHASES)
                     + f" | {sum(host.values()):.1f} | {r['step_ms']:.1f} |"
                 )
-        lines += ["", "Ops with the most host time of their own (µs a step, calls a step):", ""]
-        for r in report["runs"]:
-            top = ", ".join(
-                f"{name} {us:,.0f} ({calls:g})" for name, us, calls in r.get("top_host_ops", [])[:8]
-            )
-            lines.append(f"- {r['variant']} x{r['gpus']}: {top or '-'}")
+        lines += per_run(
+            report,
+            "Ops with the most host time of their own (µs a step, calls a step):",
+            lambda r: [f"{name} {us:,.0f} ({calls:g})" for name, us, calls in r.get("top_host_ops", [])[:8]],
+            sep=", ",
+        )
     if any(r.get("host_functions") for r in report["runs"]):
-        lines += [
-            "",
+        lines += per_run(
+            report,
             "Python functions with the most host time (cProfile, no torch profiler; ms a step with callees / own):",
-            "",
-        ]
-        for r in report["runs"]:
-            top = "; ".join(
+            lambda r: [
                 f"`{name}` {total:.2f} / {own:.2f}" for name, total, own in r.get("host_functions", [])
-            )
-            lines.append(f"- {r['variant']} x{r['gpus']}: {top or '-'}")
+            ],
+        )
     if any(r.get("top_kernels") for r in report["runs"]):
-        lines += ["", "Kernels with the most GPU time (µs a step, launches a step):", ""]
-        for r in report["runs"]:
-            top = "; ".join(f"`{name}` {us:,.0f} ({calls:g})" for name, us, calls in r.get("top_kernels", []))
-            lines.append(f"- {r['variant']} x{r['gpus']}: {top or '-'}")
+        lines += per_run(
+            report,
+            "Kernels with the most GPU time (µs a step, launches a step):",
+            lambda r: [f"`{name}` {us:,.0f} ({calls:g})" for name, us, calls in r.get("top_kernels", [])],
+        )
     if any(r.get("top_device_ops") for r in report["runs"]):
-        lines += [
-            "",
+        lines += per_run(
+            report,
             "Ops whose own kernels take the most GPU time (µs a step, calls a step; input shapes; line):",
-            "",
-        ]
-        for r in report["runs"]:
-            top = "; ".join(
+            lambda r: [
                 f"`{name}` {us:,.0f} ({calls:g}) {shapes} {where}"
                 for name, shapes, where, us, calls in r.get("top_device_ops", [])
-            )
-            lines.append(f"- {r['variant']} x{r['gpus']}: {top or '-'}")
-    lines += ["", "Where the host waits for the device (one step, ops that sync, by calling line):", ""]
-    for r in report["runs"]:
-        top = ", ".join(f"{op} x{n} ({where or '?'})" for op, where, n in r.get("sync_sources", [])[:8])
-        lines.append(f"- {r['variant']} x{r['gpus']}: {top or 'none'}")
-    lines += ["", "Stream syncs per step in the profile, by the op and the Python lines that made them:", ""]
-    for r in report["runs"]:
-        top = ", ".join(f"{op} {n:g}" for op, n in r.get("sync_callers", {}).items())
-        lines.append(f"- {r['variant']} x{r['gpus']}: {top or 'none'}")
+            ],
+        )
+    lines += per_run(
+        report,
+        "Where the host waits for the device (one step, ops that sync, by calling line):",
+        lambda r: [f"{op} x{n} ({where or '?'})" for op, where, n in r.get("sync_sources", [])[:8]],
+        sep=", ",
+        empty="none",
+    )
+    lines += per_run(
+        report,
+        "Stream syncs per step in the profile, by the op and the Python lines that made them:",
+        lambda r: [f"{op} {n:g}" for op, n in r.get("sync_callers", {}).items()],
+        sep=", ",
+        empty="none",
+    )
     names = list(dict.fromkeys(r["variant"] for r in report["runs"]))
     scaling = [
         (v, two["samples_per_s"] / one["samples_per_s"])
