@@ -170,7 +170,8 @@ def _lemur_cumulative() -> Table:
     )
 
 
-def _lemur_two_stage() -> Table:
+def _two_stage_stages() -> tuple[Stage, Stage]:
+    """LEMUR's two-stage baseline: pretrain the encoder contrastively (SQDC), then rank with it frozen."""
     pretrain = Stage(
         "pretrain",
         ('training.objective="contrastive"', "training.sqdc_weight=0.1", "memory_bank.enabled=false"),
@@ -183,6 +184,10 @@ def _lemur_two_stage() -> Table:
             "training.sqdc_weight=0",
         ),
     )
+    return pretrain, rank
+
+
+def _lemur_two_stage() -> Table:
     return Table(
         name="lemur-two-stage",
         description="two-stage (SQDC-pretrained, then frozen encoder) vs end-to-end LEMUR, over an ID-only model",
@@ -190,7 +195,7 @@ def _lemur_two_stage() -> Table:
         common=TEXT_ONLY,
         variants=(
             Variant("id_only", (*ID_ONLY, 'model.history_encoder="longer"')),
-            Variant("two_stage", LEMUR_FULL, stages=(pretrain, rank), paper={"qauc": 0.12}),
+            Variant("two_stage", LEMUR_FULL, stages=_two_stage_stages(), paper={"qauc": 0.12}),
             Variant("end_to_end", LEMUR_FULL, paper={"qauc": 0.81}),
         ),
         source="LEMUR: QAUC over the production baseline, two-stage +0.12%, end to end +0.81%",
@@ -418,6 +423,18 @@ def _cold_start_churn() -> Table:
             gate(5, 0.5, VOCAB, suffix="_vocab"),
             dropout(0.5, CIC, VOCAB, suffix="_cic_vocab"),
             gate(5, 0.5, CIC, VOCAB, suffix="_cic_vocab"),
+            Variant(
+                "two_stage_drop50",
+                (*CONTENT_E2E, "model.item_id_dropout=0.5"),
+                stages=_two_stage_stages(),
+                note="the encoder pretrained contrastively, then frozen under the ranker with the cold path",
+            ),
+            Variant(
+                "two_stage_drop50_cic",
+                (*CONTENT_E2E, "model.item_id_dropout=0.5", CIC),
+                stages=_two_stage_stages(),
+                note="as two_stage_drop50 with CIC in both stages (the frozen encoder's vectors pull the ID rows)",
+            ),
         ),
         checks=(
             Check(
