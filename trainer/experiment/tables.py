@@ -377,7 +377,7 @@ def _cold_start_churn() -> Table:
         "path (model.item_id_dropout = p: a learned new-item embedding for cold targets), the ID-frequency gate "
         "(model.id_gate_count = k: g * ID + (1 - g) * new-item, g = n / (n + k), targets and history tokens; "
         "n = 0 is new in eval), EM3's CIC alignment (training.cic_weight), and with history content from the memory "
-        "bank; cold and warm AUC",
+        "bank, and LEMUR's two-stage baseline (the encoder pretrained contrastively, then frozen); cold and warm AUC",
         baseline="id_only",
         common=(*TEXT_ONLY, *CHURN_WORLD),
         per_size={"small": ("training.steps=400",)},
