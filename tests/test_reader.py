@@ -226,3 +226,25 @@ def test_missing_shard_count_is_a_clear_error(small_dataset: Path, tmp_path: Pat
     cfg = small_config(small_dataset, f'data.eval_shards="{extra}"')
     with pytest.raises(ValueError, match="no sample count"):
         make_batch_stream(cfg, "eval")
+
+
+def test_workers_hand_batches_over_without_a_round_trip(small_dataset: Path, monkeypatch) -> None:
+    """A worker's batch arrives as named shared memory: the training process opens it without asking the worker
+    (torch's default strategy costs a socket round trip to the worker per storage, in the step's thread), gets the
+    same tensors as a worker-less stream, and keeps torch's default strategy for itself."""
+    import multiprocessing.resource_sharer as sharer
+
+    asked = []
+    connect = sharer._resource_sharer.get_connection
+    monkeypatch.setattr(sharer._resource_sharer, "get_connection", lambda *a: asked.append(a) or connect(*a))
+    default = torch.multiprocessing.get_sharing_strategy()
+    with_workers = list(
+        itertools.islice(make_batch_stream(small_config(small_dataset, "data.num_workers=1"), "eval"), 3)
+    )
+    without = list(
+        itertools.islice(make_batch_stream(small_config(small_dataset, "data.num_workers=0"), "eval"), 3)
+    )
+    assert asked == [], f"{len(asked)} storages fetched from the worker through its resource sharer"
+    assert torch.multiprocessing.get_sharing_strategy() == default
+    for a, b in zip(with_workers, without, strict=True):
+        assert torch.equal(a.item_id, b.item_id) and torch.equal(a.labels, b.labels)

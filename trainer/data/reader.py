@@ -254,10 +254,18 @@ def _worker_init(worker_id: int) -> None:
     are frozen out of the collector's sight, so full collections stop walking them (and stop un-sharing their memory
     pages); young objects are collected less often, since every sample brings large, short-lived id lists that each
     collection walks. Cycles are still collected. Together this saves about a tenth of a worker's time on long
-    histories."""
+    histories.
+
+    Sharing: a worker hands its batch's tensors over as named shared-memory files (torch's `file_system` strategy),
+    set here so the training process keeps torch's default. With the default, the training process fetches each
+    of a batch's ~25 storages through a socket round trip (connect, authentication, a file descriptor) that the
+    worker's sharer thread answers, when the worker's busy reading lets it take the GIL: ~7 ms of the training
+    process's time a batch on a 2-core CPU (`benchmarks/README.md`), paid in the thread that also runs the step.
+    Named files are opened without the worker; torch's shared-memory manager removes them if a process dies."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
+    torch.multiprocessing.set_sharing_strategy("file_system")
 
 
 class BatchStream:
