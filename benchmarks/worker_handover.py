@@ -30,12 +30,16 @@ from trainer.data import reader  # noqa: E402
 STRATEGIES = ("file_system", "file_descriptor")
 
 
-def handover_ms(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Wall and CPU ms of the training process's `next()` a batch, the workers' strategy set to `strategy`."""
+def lemur_text_config(args: argparse.Namespace) -> Any:
+    """The lemur-text stream's config of `benchmarks/data_loader.py` (its dataset made once and cached)."""
     mode = data_loader.MODES["lemur-text"]
     bench = data_loader.parse_args(["--batch-size", str(args.batch_size), "--data-dir", str(args.data_dir)])
     path = data_loader.ensure_dataset(args.data_dir, mode.dataset, bench.samples, False)
-    cfg = data_loader.mode_config(mode, path, args.workers, bench)
+    return data_loader.mode_config(mode, path, args.workers, bench)
+
+
+def handover_ms(strategy: str, cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Wall and CPU ms of the training process's `next()` a batch, the workers' strategy set to `strategy`."""
     original = reader._worker_init
 
     def worker_init(worker_id: int) -> None:
@@ -77,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{data_loader.cpu_model()}, {data_loader.usable_cores()} cores; batch {args.batch_size}, "
         f"{args.workers} worker(s), {args.batches} batches an arm"
     )
-    rows = [handover_ms(s, args) for s in STRATEGIES]
+    cfg = lemur_text_config(args)
+    rows = [handover_ms(s, cfg, args) for s in STRATEGIES]
     for r in rows:
         print(
             f"{r['strategy']:>15}: next() {r['wall_ms_median']:.2f} ms median ({r['wall_ms_mean']:.2f} mean) wall, "
