@@ -30,8 +30,11 @@ syncs per step (cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchro
 counted once with FlopCounterMode over a whole step (matmuls and attention): MFU on padded FLOPs counts every token
 slot, MFU on real-token FLOPs scales the text and query towers' FLOPs by the share of real tokens (linear ops) and
 of real token pairs (attention). Then the same steps under cProfile alone: the Python functions the host spends a
-step in. Then, reader included: the same trainer reads on (--workers DataLoader workers
-per rank) for --reader-steps timed steps.
+step in. Then, reader included: the same trainer reads from a fresh stream (--workers DataLoader workers
+per rank, or each of --reader-workers, at each --reader-nice) for --reader-warmup steps (at least one a worker)
+and --reader-steps timed ones, with the step thread's wait for its batch timed apart. Give the dataset enough
+samples that these steps stay inside the first epoch (the report says whether they did): a new epoch restarts
+every worker, and a measurement across it times the workers' start, not the steady state.
 
 Writes benchmarks/results/step-<date>-<hardware>.md/.json/.png (--out for another folder; --report-from JSON
 rewrites the markdown and the chart from a saved JSON). The dataset is synthesised once under --data-dir.
@@ -203,16 +206,85 @@ def child(args: argparse.Namespace) -> None:
                 flops / (result["step_ms"] / 1e3) / PEAK_BF16 if device.type == "cuda" else None
             )
         if args.reader:
-            stream = iter(trainer.inputs)
-            steps(args.reader_warmup, stream)
-            seconds = steps(args.reader_steps, stream)
-            result["reader_samples_per_s"] = (
-                args.reader_steps * cfg.data.batch_size * info.world_size / seconds
-            )
-            result["reader_workers_per_rank"] = cfg.data.num_workers
+            runs = reader_runs(trainer, args, workers)
+            result["reader_runs"] = runs
+            result["reader_samples_per_s"] = runs[0]["samples_per_s"] * info.world_size if runs else None
+            result["reader_workers_per_rank"] = runs[0]["workers"] if runs else None
         trainer.close()
     if info.is_main:
         Path(args.result).write_text(json.dumps(result, indent=1))
+
+
+def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dict[str, Any]]:
+    """The steps with the reader included, at each (workers, nice) of --reader-workers x --reader-nice, each on a
+    fresh stream (as a run starts): --reader-warmup steps, at least one per worker so that every worker's first
+    batch is in, then --reader-steps timed ones. Per step: the wait in `next()` (the batch not ready, or its
+    hand-over from the worker) apart from the rest; the cores the training process (step thread, pin-memory and
+    prefetch threads) and the workers kept busy; and whether the steps stayed inside the first epoch (an epoch
+    boundary restarts every worker)."""
+    from trainer.data.prefetch import DevicePrefetcher
+
+    device, world = trainer.info.device, trainer.info.world_size
+    out = []
+    for workers, nice in itertools.product(args.reader_workers or [fitted], args.reader_nice):
+        trainer.cfg.data.num_workers, trainer.cfg.data.worker_nice = workers, nice
+        stream = trainer.batches("train", pin_memory=device.type == "cuda")
+        per_epoch = stream.dataset.batches_per_epoch(0)
+        warmup = max(args.reader_warmup, workers)
+        if per_epoch == 0:
+            print(f"reader x{workers}: no full batch per worker; skipped", flush=True)
+            continue
+        inputs = (
+            DevicePrefetcher(stream, trainer.to_device, device) if trainer.cfg.training.prefetch else stream
+        )
+        source = iter(inputs)
+        for _ in range(warmup):
+            trainer.train_step(next(source))
+            trainer.step += 1
+        sync(device)
+        cpu, workers_cpu, waited = time.process_time(), children_cpu(), 0.0
+        began = time.perf_counter()
+        for _ in range(args.reader_steps):
+            asked = time.perf_counter()
+            batch = next(source)
+            waited += time.perf_counter() - asked
+            trainer.train_step(batch)
+            trainer.step += 1
+        sync(device)
+        seconds = time.perf_counter() - began
+        run = {
+            "workers": workers,
+            "nice": nice,
+            "samples_per_s": args.reader_steps * trainer.cfg.data.batch_size * world / seconds,
+            "step_ms": seconds / args.reader_steps * 1e3,
+            "next_wait_ms": waited / args.reader_steps * 1e3,
+            "main_cores": (time.process_time() - cpu) / seconds,
+            "worker_cores": (children_cpu() - workers_cpu) / seconds if workers_cpu is not None else None,
+            "batches_first_epoch": per_epoch,
+            "within_first_epoch": warmup + args.reader_steps <= per_epoch,
+        }
+        print(f"reader x{workers} nice {nice}: {json.dumps(run)}", flush=True)
+        out.append(run)
+        if isinstance(inputs, DevicePrefetcher):
+            inputs.close()  # drops the stream's iterator: its workers end
+        del source, inputs, stream
+    return out
+
+
+def children_cpu() -> float | None:
+    """CPU seconds (user + system) of this process's live child processes (the reader's workers)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def sync(device: Any) -> None:
@@ -597,6 +669,31 @@ def per_run(
     ]
 
 
+def reader_table(report: dict[str, Any]) -> list[str]:
+    """The reader-included runs by workers and niceness (`reader_runs`), where a run has several."""
+    runs = [(r, x) for r in report["runs"] for x in r.get("reader_runs", [])]
+    if not runs:
+        return []
+    lines = [
+        "",
+        "Reader included, per rank (fresh stream each; warm-up of at least one step per worker; next() wait: the "
+        "step thread waiting for its batch; cores: CPU seconds per second of the training process, all its "
+        "threads, and of the workers):",
+        "",
+        "| variant | GPUs | workers | nice | samples/s | step ms | next() wait ms | training process cores "
+        "| worker cores | first epoch batches | inside it |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r, x in runs:
+        lines.append(
+            f"| {r['variant']} | {r['gpus']} | {x['workers']} | {x['nice']} | {x['samples_per_s']:,.0f} | "
+            f"{x['step_ms']:.1f} | {x['next_wait_ms']:.1f} | {x['main_cores']:.2f} | "
+            f"{fmt(x.get('worker_cores'), '.2f')} | {x['batches_first_epoch']} | "
+            f"{'yes' if x['within_first_epoch'] else 'no: workers restarted'} |"
+        )
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# The training step, {report['date']}, {report['hardware']}",
@@ -631,6 +728,7 @@ def markdown(report: dict[str, Any]) -> str:
         )
         + ".",
     ]
+    lines += reader_table(report)
     built = [r for r in report["runs"] if r.get("frozen_cache_build_s") is not None]
     if built:
         lines.append(
@@ -818,6 +916,8 @@ def passthrough(args: argparse.Namespace) -> list[str]:
         str(args.workers),
     ]
     out += ["--reader-steps", str(args.reader_steps), "--reader-warmup", str(args.reader_warmup)]
+    out += ["--reader-nice", *map(str, args.reader_nice)]
+    out += ["--reader-workers", *map(str, args.reader_workers)] if args.reader_workers else []
     out += [flag for flag, on in (("--small", args.small), ("--cpu", args.cpu)) if on]
     out += ["--preset", args.preset]
     out += [] if args.reader else ["--no-reader"]
@@ -863,8 +963,20 @@ def main() -> int:
     parser.add_argument(
         "--workers", type=int, default=14, help="DataLoader workers in all (split over ranks)"
     )
-    parser.add_argument("--reader-steps", type=int, default=10)
-    parser.add_argument("--reader-warmup", type=int, default=3)
+    parser.add_argument("--reader-steps", type=int, default=20)
+    parser.add_argument(
+        "--reader-warmup", type=int, default=3, help="at least one step per worker whatever this says"
+    )
+    parser.add_argument(
+        "--reader-workers",
+        type=int,
+        nargs="+",
+        default=[],
+        help="reader-included runs at each of these worker counts per rank (default: --workers, fitted to the data)",
+    )
+    parser.add_argument(
+        "--reader-nice", type=int, nargs="+", default=[0], help="and at each of these data.worker_nice"
+    )
     parser.add_argument("--samples", type=int, default=32768)
     parser.add_argument("--samples-per-shard", type=int, default=1024)
     parser.add_argument("--items", type=int, default=100_000)

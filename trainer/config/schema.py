@@ -127,6 +127,9 @@ class DataConfig:
     """Samples per batch on each rank."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0: read in the training process)."""
+    worker_nice: int = 0
+    """Niceness added to each DataLoader worker (`os.nice`, 0-19): with a step bound by the host (a GPU run), a
+    worker that wants a core then yields it to the training process's step thread instead of sharing it."""
     shuffle_buffer: int = 1_000
     """Samples held in the shuffle buffer of each reader (0: no sample shuffling)."""
     image_size: int = 64
@@ -165,6 +168,7 @@ class DataConfig:
     def validate(self, p: str) -> None:
         check(self.batch_size > 0, f"{p}.batch_size", "must be > 0")
         check(self.num_workers >= 0, f"{p}.num_workers", "must be >= 0")
+        check(0 <= self.worker_nice <= 19, f"{p}.worker_nice", "must be in [0, 19]")
         check(self.shuffle_buffer >= 0, f"{p}.shuffle_buffer", "must be >= 0")
         check(16 <= self.image_size <= 1024, f"{p}.image_size", "must be in [16, 1024]")
         check(0 <= self.images_per_sample <= 8, f"{p}.images_per_sample", "must be in [0, 8]")
