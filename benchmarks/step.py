@@ -178,11 +178,15 @@ def child(args: argparse.Namespace) -> None:
             sync(device)
             return time.perf_counter() - began
 
+        collector = (
+            trainer.collector.__enter__()
+        )  # the loop's garbage collection schedule (training.gc_every)
         first_loss = float(trainer.train_step(batches[0]))  # same seed and batch in every run: comparable
         trainer.step += 1
         steps(max(0, args.warmup - 1))
         memory_reset(device)
-        seconds = steps(args.steps)
+        with GcTimer() as collections:
+            seconds = steps(args.steps)
         result: dict[str, Any] = {
             "variant": args.variant,
             "gpus": info.world_size,
@@ -194,6 +198,8 @@ def child(args: argparse.Namespace) -> None:
             "frozen_cache_build_s": cache_seconds if cfg.model.frozen_cache else None,
         }
         result["samples_per_s_per_gpu"] = result["samples_per_s"] / info.world_size
+        result["gc_ms_per_step"] = collections.seconds / args.steps * 1e3
+        result["gc_collections"] = collections.counts
         result.update(profile_steps(trainer, batches, device, args.profile_steps))
         result["host_functions"] = host_functions(trainer, batches, device, args.profile_steps)
         result["busy"] = result["kernel_ms"] / result["step_ms"] if device.type == "cuda" else None
@@ -210,6 +216,7 @@ def child(args: argparse.Namespace) -> None:
             result["reader_runs"] = runs
             result["reader_samples_per_s"] = runs[0]["samples_per_s"] * info.world_size if runs else None
             result["reader_workers_per_rank"] = runs[0]["workers"] if runs else None
+        collector.__exit__(None, None, None)
         trainer.close()
     if info.is_main:
         Path(args.result).write_text(json.dumps(result, indent=1))
@@ -242,33 +249,75 @@ def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dic
             trainer.train_step(next(source))
             trainer.step += 1
         sync(device)
-        cpu, workers_cpu, waited = time.process_time(), children_cpu(), 0.0
-        began = time.perf_counter()
-        for _ in range(args.reader_steps):
-            asked = time.perf_counter()
-            batch = next(source)
-            waited += time.perf_counter() - asked
-            trainer.train_step(batch)
-            trainer.step += 1
-        sync(device)
-        seconds = time.perf_counter() - began
+        cpu, started_cpu, waited, kept = time.process_time(), children_cpu(), 0.0, []
+        with GcTimer() as collections:
+            began = time.perf_counter()
+            for _ in range(args.reader_steps):
+                asked = time.perf_counter()
+                batch = next(source)
+                waited += time.perf_counter() - asked
+                trainer.train_step(batch)
+                trainer.step += 1
+                kept.append(batch)
+            sync(device)
+            seconds = time.perf_counter() - began
+        cpu, workers_cpu = time.process_time() - cpu, children_cpu()
+        workers_cpu = None if started_cpu is None or workers_cpu is None else workers_cpu - started_cpu
         run = {
             "workers": workers,
             "nice": nice,
             "samples_per_s": args.reader_steps * trainer.cfg.data.batch_size * world / seconds,
             "step_ms": seconds / args.reader_steps * 1e3,
             "next_wait_ms": waited / args.reader_steps * 1e3,
-            "main_cores": (time.process_time() - cpu) / seconds,
-            "worker_cores": (children_cpu() - workers_cpu) / seconds if workers_cpu is not None else None,
+            "main_cores": cpu / seconds,
+            "worker_cores": workers_cpu / seconds if workers_cpu is not None else None,
+            "gc_ms_per_step": collections.seconds / args.reader_steps * 1e3,
+            "gc_collections": collections.counts,
             "batches_first_epoch": per_epoch,
             "within_first_epoch": warmup + args.reader_steps <= per_epoch,
         }
-        print(f"reader x{workers} nice {nice}: {json.dumps(run)}", flush=True)
-        out.append(run)
         if isinstance(inputs, DevicePrefetcher):
             inputs.close()  # drops the stream's iterator: its workers end
         del source, inputs, stream
+        # The same batches again, already on the device, with no reader running: what the reader itself costs.
+        sync(device)
+        began = time.perf_counter()
+        for batch in kept:
+            trainer.train_step(batch)
+            trainer.step += 1
+        sync(device)
+        run["replayed_step_ms"] = (time.perf_counter() - began) / len(kept) * 1e3
+        del kept
+        print(f"reader x{workers} nice {nice}: {json.dumps(run)}", flush=True)
+        out.append(run)
     return out
+
+
+class GcTimer:
+    """Python's garbage collections (automatic or called) while inside: time and count by generation."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.counts = [0, 0, 0]
+        self._began = 0.0
+
+    def __enter__(self) -> GcTimer:
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import gc
+
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._began
+            self.counts[info["generation"]] += 1
 
 
 def children_cpu() -> float | None:
@@ -678,17 +727,21 @@ def reader_table(report: dict[str, Any]) -> list[str]:
         "",
         "Reader included, per rank (fresh stream each; warm-up of at least one step per worker; next() wait: the "
         "step thread waiting for its batch; cores: CPU seconds per second of the training process, all its "
-        "threads, and of the workers):",
+        "threads, and of the workers; gc: Python's garbage collections during the timed steps; replayed: the same "
+        "batches stepped again from the device after the reader closed):",
         "",
         "| variant | GPUs | workers | nice | samples/s | step ms | next() wait ms | training process cores "
-        "| worker cores | first epoch batches | inside it |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| worker cores | gc ms/step (collections by generation) | same batches replayed, step ms "
+        "| first epoch batches | inside it |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r, x in runs:
         lines.append(
             f"| {r['variant']} | {r['gpus']} | {x['workers']} | {x['nice']} | {x['samples_per_s']:,.0f} | "
             f"{x['step_ms']:.1f} | {x['next_wait_ms']:.1f} | {x['main_cores']:.2f} | "
-            f"{fmt(x.get('worker_cores'), '.2f')} | {x['batches_first_epoch']} | "
+            f"{fmt(x.get('worker_cores'), '.2f')} | {fmt(x.get('gc_ms_per_step'), '.2f')} "
+            f"({'/'.join(map(str, x.get('gc_collections', [])))}) | {fmt(x.get('replayed_step_ms'), '.1f')} | "
+            f"{x['batches_first_epoch']} | "
             f"{'yes' if x['within_first_epoch'] else 'no: workers restarted'} |"
         )
     return lines
@@ -728,6 +781,17 @@ def markdown(report: dict[str, Any]) -> str:
         )
         + ".",
     ]
+    timed = [r for r in report["runs"] if "gc_ms_per_step" in r]
+    if timed:
+        lines.append(
+            "Python's garbage collections in the timed steps (ms a step, collections by generation): "
+            + ", ".join(
+                f"{r['variant']} x{r['gpus']} {r['gc_ms_per_step']:.2f} "
+                f"({'/'.join(map(str, r['gc_collections']))})"
+                for r in timed
+            )
+            + "."
+        )
     lines += reader_table(report)
     built = [r for r in report["runs"] if r.get("frozen_cache_build_s") is not None]
     if built:

@@ -30,6 +30,7 @@ from trainer.checkpoint import (
     RngState,
     ShardedState,
 )
+from trainer.collector import StepCollector
 from trainer.config import Config, ConfigError, config_to_toml
 from trainer.content import EVAL, SERVE, TRAIN, BankContent, ContentSource, build_content_source
 from trainer.data.batch import Batch
@@ -155,6 +156,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.out_dir, info.is_main, cfg.logging.tensorboard)
         self.stop_signals = StopSignals()  # installed while `fit` runs
         self.flops = FlopMeter(info.device)
+        self.collector = StepCollector(cfg.training.gc_every)
+        """Python's garbage collection at scheduled steps while `fit` runs (or inside `with trainer.collector`)."""
         if info.is_main and training:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.toml").write_text(config_to_toml(cfg))
@@ -301,6 +304,7 @@ class Trainer:
         return decode_batch(batch.to(self.info.device, non_blocking=True))
 
     def train_step(self, batch: Batch) -> torch.Tensor:
+        self.collector.step(self.step)
         with record_function("h2d"):
             batch = self.to_device(batch)
         with self.flops.measure(self.step):
@@ -358,7 +362,7 @@ class Trainer:
         `logging.log_every` steps after the signal (a save or eval under way finishes first), save a checkpoint
         there (the periodic one, so `--resume auto` continues exactly) and return without the final eval, with
         `results["stopped"]`. The previous signal handlers are back when it returns."""
-        with self.stop_signals:
+        with self.stop_signals, self.collector:
             return self.train_loop()
 
     def train_loop(self) -> dict[str, Any]:

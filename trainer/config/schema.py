@@ -575,6 +575,11 @@ class TrainingConfig:
     its own on CUDA, so the JPEG decode of data.image_decode = device runs beside the step) while this one trains
     (`trainer/data/prefetch.py`); the checkpointed reader state leaves the batch in flight unconsumed. Off: each
     batch is read and moved when its step begins (the reference)."""
+    gc_every: int = 50
+    """Python's automatic garbage collection is off while the loop trains, and the young generations are collected
+    every N steps (a full collection every 20th time; `trainer/collector.py`), as torchtitan's gc_freq: a collection
+    that runs inside a step walks the process's millions of long-lived objects in the thread that launches the
+    step's kernels. 0: Python's automatic collection."""
     compile: bool = False
     """torch.compile the dense arch's blocks (content and query towers with the fusion, LONGER decoders, ranker):
     fewer, fused kernels; the first steps pay the compile time. Off: eager, the reference path."""
@@ -619,6 +624,7 @@ class TrainingConfig:
         check(self.compile_scope in ("blocks", "dense"), f"{p}.compile_scope", "must be blocks or dense")
         check(self.on_nonfinite in ("stop", "rollback"), f"{p}.on_nonfinite", "must be stop or rollback")
         check(self.max_rollbacks >= 0, f"{p}.max_rollbacks", "must be >= 0")
+        check(self.gc_every >= 0, f"{p}.gc_every", "must be >= 0 (0: Python's automatic collection)")
         check(self.sqdc_weight >= 0, f"{p}.sqdc_weight", "must be >= 0")
         check(self.sqdc_temperature > 0, f"{p}.sqdc_temperature", "must be > 0")
         check(self.cic_weight >= 0, f"{p}.cic_weight", "must be >= 0")

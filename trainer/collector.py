@@ -1,0 +1,71 @@
+"""Python's garbage collector in the training process: collected at steps chosen in advance, not whenever the
+allocation count says.
+
+A training process holds millions of long-lived objects (torch, TorchRec, DeepSpeed, torch.compile's graphs and
+guards), and a step fed by the reader brings thousands of new ones (the batch's tensors, KJTs and their Python
+wrappers). Python's automatic collector then runs in the middle of steps, and its older generations walk most of
+those objects: time taken from a step thread that bounds the GPU step when the host launches the kernels. As
+torchtitan does (`training.gc_freq`), the automatic collector is off while the loop runs, and the young generations
+are collected every `every` steps; every `FULL_EVERY`th of those collections is a full one, so cycles that reached
+the oldest generation are still freed.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+FULL_EVERY = 20
+"""Every this many scheduled collections, a full one (all generations)."""
+
+
+class StepCollector:
+    """`with collector:` turns automatic collection off (and back to what it was on leaving, after a full
+    collection); `collector.step(n)` at each step collects at the steps due. `every` = 0: Python's automatic
+    collection throughout, and both do nothing."""
+
+    def __init__(self, every: int) -> None:
+        if every < 0:
+            raise ValueError(f"collection interval must be >= 0 steps, got {every}")
+        self.every = every
+        self.active = False
+        self.collections = 0
+        self.seconds = 0.0
+        """Time spent in the scheduled collections."""
+        self._was_enabled = True
+
+    def __enter__(self) -> StepCollector:
+        if self.every and not self.active:
+            self._was_enabled = gc.isenabled()
+            gc.disable()
+            self.active = True
+            self._collect(2)  # what automatic collection left behind: the loop starts from a clean heap
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.active:
+            self.active = False
+            self._collect(2)
+            if self._was_enabled:
+                gc.enable()
+
+    def step(self, step: int) -> None:
+        """At a step the schedule names: collect (young generations, or all of them every `FULL_EVERY`th time)."""
+        if self.active and step > 0 and step % self.every == 0:
+            self._collect(2 if (step // self.every) % FULL_EVERY == 0 else 1)
+
+    def _collect(self, generation: int) -> None:
+        began = time.perf_counter()
+        gc.collect(generation)
+        self.seconds += time.perf_counter() - began
+        self.collections += 1
+        log.debug("gc: generation %d collected in %.1f ms", generation, (time.perf_counter() - began) * 1e3)
