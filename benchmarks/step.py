@@ -178,12 +178,12 @@ def child(args: argparse.Namespace) -> None:
             sync(device)
             return time.perf_counter() - began
 
+        collector = (
+            trainer.collector.__enter__()
+        )  # the loop's garbage collection schedule (training.gc_every)
         first_loss = float(trainer.train_step(batches[0]))  # same seed and batch in every run: comparable
         trainer.step += 1
         steps(max(0, args.warmup - 1))
-        # The loop's garbage-collection schedule (training.gc_every), from after the compiling steps: entering
-        # collects what they left, which the first scheduled collection would otherwise walk inside a timed step.
-        collector = trainer.collector.__enter__()
         memory_reset(device)
         with GcTimer() as collections:
             seconds = steps(args.steps)
@@ -223,8 +223,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dict[str, Any]]:
-    """The steps with the reader included, at each (workers, nice, pinned by) of --reader-workers x --reader-nice x
-    --reader-pin, each on a
+    """The steps with the reader included, at each (workers, nice) of --reader-workers x --reader-nice, each on a
     fresh stream (as a run starts): --reader-warmup steps, at least one per worker so that every worker's first
     batch is in, then --reader-steps timed ones. Per step: the wait in `next()` (the batch not ready, or its
     hand-over from the worker) apart from the rest; the cores the training process (step thread, pin-memory and
@@ -234,28 +233,23 @@ def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dic
 
     device, world = trainer.info.device, trainer.info.world_size
     out = []
-    cuda = device.type == "cuda"
-    configs = itertools.product(args.reader_workers or [fitted], args.reader_nice, args.reader_pin)
-    for workers, nice, pin in configs:
+    for workers, nice in itertools.product(args.reader_workers or [fitted], args.reader_nice):
         trainer.cfg.data.num_workers, trainer.cfg.data.worker_nice = workers, nice
-        prefetch = trainer.cfg.training.prefetch
-        # Where batches are pinned: in the prefetch thread before each copy (as shipped), or by the DataLoader's
-        # pinning thread as the workers hand them over (as before).
-        in_prefetch = cuda and prefetch and pin == "prefetch"
-        stream = trainer.batches("train", pin_memory=cuda and not in_prefetch)
+        stream = trainer.batches("train", pin_memory=device.type == "cuda")
         per_epoch = stream.dataset.batches_per_epoch(0)
         warmup = max(args.reader_warmup, workers)
         if per_epoch == 0:
             print(f"reader x{workers}: no full batch per worker; skipped", flush=True)
             continue
-        inputs = DevicePrefetcher(stream, trainer.to_device, device, pin=in_prefetch) if prefetch else stream
+        inputs = (
+            DevicePrefetcher(stream, trainer.to_device, device) if trainer.cfg.training.prefetch else stream
+        )
         source = iter(inputs)
         for _ in range(warmup):
             trainer.train_step(next(source))
             trainer.step += 1
         sync(device)
-        cpu, workers_cpu, waited, kept = time.process_time(), WorkersCpu(), 0.0, []
-        pinned = host_allocations(device)
+        cpu, started_cpu, waited, kept = time.process_time(), children_cpu(), 0.0, []
         with GcTimer() as collections:
             began = time.perf_counter()
             for _ in range(args.reader_steps):
@@ -267,8 +261,8 @@ def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dic
                 kept.append(batch)
             sync(device)
             seconds = time.perf_counter() - began
-        cpu, workers_seconds = time.process_time() - cpu, workers_cpu.seconds()
-        pinned = [after - before for after, before in zip(host_allocations(device), pinned)]
+        cpu, workers_cpu = time.process_time() - cpu, children_cpu()
+        workers_cpu = None if started_cpu is None or workers_cpu is None else workers_cpu - started_cpu
         run = {
             "workers": workers,
             "nice": nice,
@@ -276,10 +270,7 @@ def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dic
             "step_ms": seconds / args.reader_steps * 1e3,
             "next_wait_ms": waited / args.reader_steps * 1e3,
             "main_cores": cpu / seconds,
-            "worker_cores": workers_seconds / seconds if workers_seconds is not None else None,
-            "pinned_in": pin if cuda else None,
-            "pinned_allocations": pinned[0] if cuda else None,
-            "pinned_allocation_ms": pinned[1] / 1e3 if cuda else None,
+            "worker_cores": workers_cpu / seconds if workers_cpu is not None else None,
             "gc_ms_per_step": collections.seconds / args.reader_steps * 1e3,
             "gc_collections": collections.counts,
             "batches_first_epoch": per_epoch,
@@ -297,7 +288,7 @@ def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dic
         sync(device)
         run["replayed_step_ms"] = (time.perf_counter() - began) / len(kept) * 1e3
         del kept
-        print(f"reader x{workers} nice {nice} pinned in {pin}: {json.dumps(run)}", flush=True)
+        print(f"reader x{workers} nice {nice}: {json.dumps(run)}", flush=True)
         out.append(run)
     return out
 
@@ -329,50 +320,20 @@ class GcTimer:
             self.counts[info["generation"]] += 1
 
 
-class WorkersCpu:
-    """CPU seconds (user + system) the child processes alive at its creation (the reader's workers) spend from
-    then on; None without psutil."""
-
-    def __init__(self) -> None:
-        try:
-            import psutil
-        except ImportError:
-            self.start: dict[Any, float] | None = None
-            return
-        self.start = {}
-        for child in psutil.Process().children(recursive=True):
-            spent = cpu_seconds(child)
-            if spent is not None:
-                self.start[child] = spent
-
-    def seconds(self) -> float | None:
-        if self.start is None:
-            return None
-        total = 0.0
-        for child, began in self.start.items():
-            spent = cpu_seconds(child)
-            total += spent - began if spent is not None else 0.0  # one that ended: its last seconds are lost
-        return total
-
-
-def cpu_seconds(process: Any) -> float | None:
-    import psutil
-
+def children_cpu() -> float | None:
+    """CPU seconds (user + system) of this process's live child processes (the reader's workers)."""
     try:
-        times = process.cpu_times()
-    except psutil.Error:
+        import psutil
+    except ImportError:
         return None
-    return times.user + times.system
-
-
-def host_allocations(device: Any) -> tuple[int, float]:
-    """(pinned blocks the CUDA host allocator has created so far, µs spent creating them)."""
-    import torch
-
-    if device.type != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):
-        return 0, 0.0
-    stats = torch.cuda.host_memory_stats()
-    return int(stats.get("num_host_alloc", 0)), float(stats.get("host_alloc_time.total", 0.0))
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def sync(device: Any) -> None:
@@ -769,17 +730,14 @@ def reader_table(report: dict[str, Any]) -> list[str]:
         "threads, and of the workers; gc: Python's garbage collections during the timed steps; replayed: the same "
         "batches stepped again from the device after the reader closed):",
         "",
-        "| variant | GPUs | workers | nice | pinned by | new pinned blocks (ms) | samples/s | step ms "
-        "| next() wait ms | training process cores "
+        "| variant | GPUs | workers | nice | samples/s | step ms | next() wait ms | training process cores "
         "| worker cores | gc ms/step (collections by generation) | same batches replayed, step ms "
         "| first epoch batches | inside it |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r, x in runs:
         lines.append(
-            f"| {r['variant']} | {r['gpus']} | {x['workers']} | {x['nice']} | {x.get('pinned_in') or '-'} | "
-            f"{fmt(x.get('pinned_allocations'), 'd')} ({fmt(x.get('pinned_allocation_ms'), '.1f')}) | "
-            f"{x['samples_per_s']:,.0f} | "
+            f"| {r['variant']} | {r['gpus']} | {x['workers']} | {x['nice']} | {x['samples_per_s']:,.0f} | "
             f"{x['step_ms']:.1f} | {x['next_wait_ms']:.1f} | {x['main_cores']:.2f} | "
             f"{fmt(x.get('worker_cores'), '.2f')} | {fmt(x.get('gc_ms_per_step'), '.2f')} "
             f"({'/'.join(map(str, x.get('gc_collections', [])))}) | {fmt(x.get('replayed_step_ms'), '.1f')} | "
@@ -1022,7 +980,7 @@ def passthrough(args: argparse.Namespace) -> list[str]:
         str(args.workers),
     ]
     out += ["--reader-steps", str(args.reader_steps), "--reader-warmup", str(args.reader_warmup)]
-    out += ["--reader-nice", *map(str, args.reader_nice), "--reader-pin", *args.reader_pin]
+    out += ["--reader-nice", *map(str, args.reader_nice)]
     out += ["--reader-workers", *map(str, args.reader_workers)] if args.reader_workers else []
     out += [flag for flag, on in (("--small", args.small), ("--cpu", args.cpu)) if on]
     out += ["--preset", args.preset]
@@ -1082,13 +1040,6 @@ def main() -> int:
     )
     parser.add_argument(
         "--reader-nice", type=int, nargs="+", default=[0], help="and at each of these data.worker_nice"
-    )
-    parser.add_argument(
-        "--reader-pin",
-        nargs="+",
-        default=["prefetch"],
-        choices=["prefetch", "loader"],
-        help="and with batches pinned by the prefetch thread before each copy (as shipped) or by the DataLoader",
     )
     parser.add_argument("--samples", type=int, default=32768)
     parser.add_argument("--samples-per-shard", type=int, default=1024)

@@ -59,36 +59,6 @@ def test_prefetcher_applies_to_device_ahead(small_dataset: Path) -> None:
     assert len(moved) == 2  # the batch handed out and the one in flight
 
 
-def test_prefetcher_pins_each_batch_just_before_its_move(small_dataset: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """On CUDA the prefetch thread pins (the reader does not): what `to_device` gets is the pinned copy, and the
-    batches stay the reader's. Pinning needs CUDA, so here a stand-in marks the copies it makes."""
-    pinned: list[int] = []
-    real_map = Batch._map
-
-    def pin_memory(self: Batch) -> Batch:
-        pinned.append(id(self))
-        copy = real_map(self, lambda t: t)  # a new Batch, as pinning makes
-        copy.pinned_copy = True  # type: ignore[attr-defined]
-        return copy
-
-    monkeypatch.setattr(Batch, "pin_memory", pin_memory)
-    moved: list[bool] = []
-
-    def to_device(batch: Batch) -> Batch:
-        moved.append(getattr(batch, "pinned_copy", False))
-        return batch
-
-    reference = [_key(b) for _, b in zip(range(3), _stream(small_dataset))]
-    prefetched = DevicePrefetcher(_stream(small_dataset), to_device, CPU, background=True, pin=True)
-    assert [_key(b) for _, b in zip(range(3), prefetched)] == reference
-    prefetched.close()
-    assert moved == [True] * 4 and len(pinned) == 4  # three handed out, one in flight
-    unpinned = DevicePrefetcher(_stream(small_dataset), to_device, CPU)  # on the CPU: no pinning
-    next(unpinned)
-    unpinned.close()
-    assert moved[4:] == [False, False]
-
-
 def _same_losses(dataset: str, out: str) -> None:
     losses = {}
     for prefetch in (True, False):

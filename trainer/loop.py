@@ -109,10 +109,7 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.out_dir = Path(cfg.logging.out_dir)
         self.plan = plan_id_tables(self.spec, cfg.embeddings)
-        # Prefetching pins each batch just before its copy (`DevicePrefetcher`), not the reader far ahead of it.
-        self.train_stream = self.batches(
-            "train", pin_memory=info.device.type == "cuda" and not cfg.training.prefetch
-        )
+        self.train_stream = self.batches("train", pin_memory=info.device.type == "cuda")
         self.inputs: DevicePrefetcher | BatchStream = (
             DevicePrefetcher(self.train_stream, self.to_device, info.device)
             if cfg.training.prefetch

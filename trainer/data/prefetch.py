@@ -6,13 +6,6 @@ so the copy overlaps batch i's compute instead of queueing in front of it. With 
 `to_device` runs on a thread of its own: nvJPEG's batched decode keeps its calling thread busy for as long as it
 decodes (it releases the GIL), which would otherwise be host time taken from the step's launches.
 
-With `pin` (the default on CUDA) that thread also copies the batch into pinned memory just before its transfer, so
-the reader should not pin (`BatchStream(pin_memory=False)`). The DataLoader's own pinning thread pins every batch
-its workers hand over, up to workers x prefetch_factor batches ahead of the step (56 of 2048 samples, about 3 GiB, with
-14 workers): the pinned pool keeps growing with fresh page-locked allocations while the step runs, each one slow in
-the CUDA driver. Pinned here, a batch's pinned blocks come back to the pool once its copy is done, and two batches'
-worth are reused from then on.
-
 Batches in flight are not consumed: the state a checkpoint saves is the reader's state after the last batch
 handed out (with the bad images the device found in it and before it), so a resume reads the in-flight batch again,
 as a run without prefetching would. Only the thread that iterates touches the reader; the `to_device` thread sees
@@ -52,13 +45,11 @@ class DevicePrefetcher:
         to_device: Callable[[Batch], Batch],
         device: torch.device,
         background: bool | None = None,
-        pin: bool | None = None,
     ) -> None:
         self.stream = stream
         self.to_device = to_device
         self.device = device
         self.copies = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.pin = device.type == "cuda" if pin is None else pin
         background = device.type == "cuda" if background is None else background
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="to_device") if background else None
         self.batches: Iterator[Batch] | None = None
@@ -104,8 +95,6 @@ class DevicePrefetcher:
         return InFlight(host, moved, state)
 
     def move(self, host: Batch) -> Batch:
-        if self.pin:
-            host = host.pin_memory()
         if self.copies is None:
             return self.to_device(host)
         torch.cuda.set_device(self.device)  # a new thread starts on device 0
