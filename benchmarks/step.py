@@ -31,7 +31,7 @@ counted once with FlopCounterMode over a whole step (matmuls and attention): MFU
 slot, MFU on real-token FLOPs scales the text and query towers' FLOPs by the share of real tokens (linear ops) and
 of real token pairs (attention). Then the same steps under cProfile alone: the Python functions the host spends a
 step in. Then, reader included: the same trainer reads from a fresh stream (--workers DataLoader workers
-per rank, or each of --reader-workers, at each --reader-nice) for --reader-warmup steps (at least one a worker)
+per rank, or each of --reader-workers) for --reader-warmup steps (at least one a worker)
 and --reader-steps timed ones, with the step thread's wait for its batch timed apart. Give the dataset enough
 samples that these steps stay inside the first epoch (the report says whether they did): a new epoch restarts
 every worker, and a measurement across it times the workers' start, not the steady state.
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import itertools
 import json
 import math
@@ -223,8 +224,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dict[str, Any]]:
-    """The steps with the reader included, at each (workers, nice) of --reader-workers x --reader-nice, each on a
-    fresh stream (as a run starts): --reader-warmup steps, at least one per worker so that every worker's first
+    """The steps with the reader included, at each of --reader-workers worker counts, each on a fresh stream (as a run starts): --reader-warmup steps, at least one per worker so that every worker's first
     batch is in, then --reader-steps timed ones. Per step: the wait in `next()` (the batch not ready, or its
     hand-over from the worker) apart from the rest; the cores the training process (step thread, pin-memory and
     prefetch threads) and the workers kept busy; and whether the steps stayed inside the first epoch (an epoch
@@ -233,8 +233,8 @@ def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dic
 
     device, world = trainer.info.device, trainer.info.world_size
     out = []
-    for workers, nice in itertools.product(args.reader_workers or [fitted], args.reader_nice):
-        trainer.cfg.data.num_workers, trainer.cfg.data.worker_nice = workers, nice
+    for workers in args.reader_workers or [fitted]:
+        trainer.cfg.data.num_workers = workers
         stream = trainer.batches("train", pin_memory=device.type == "cuda")
         per_epoch = stream.dataset.batches_per_epoch(0)
         warmup = max(args.reader_warmup, workers)
@@ -249,7 +249,8 @@ def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dic
             trainer.train_step(next(source))
             trainer.step += 1
         sync(device)
-        cpu, started_cpu, waited, kept = time.process_time(), children_cpu(), 0.0, []
+        gc.collect(1)  # the benchmark's own garbage (its profilers'), not the loop's
+        cpu, workers_cpu, waited, kept = time.process_time(), WorkersCpu(), 0.0, []
         with GcTimer() as collections:
             began = time.perf_counter()
             for _ in range(args.reader_steps):
@@ -261,16 +262,14 @@ def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dic
                 kept.append(batch)
             sync(device)
             seconds = time.perf_counter() - began
-        cpu, workers_cpu = time.process_time() - cpu, children_cpu()
-        workers_cpu = None if started_cpu is None or workers_cpu is None else workers_cpu - started_cpu
+        cpu, workers_seconds = time.process_time() - cpu, workers_cpu.seconds()
         run = {
             "workers": workers,
-            "nice": nice,
             "samples_per_s": args.reader_steps * trainer.cfg.data.batch_size * world / seconds,
             "step_ms": seconds / args.reader_steps * 1e3,
             "next_wait_ms": waited / args.reader_steps * 1e3,
             "main_cores": cpu / seconds,
-            "worker_cores": workers_cpu / seconds if workers_cpu is not None else None,
+            "worker_cores": workers_seconds / seconds if workers_seconds is not None else None,
             "gc_ms_per_step": collections.seconds / args.reader_steps * 1e3,
             "gc_collections": collections.counts,
             "batches_first_epoch": per_epoch,
@@ -288,7 +287,7 @@ def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dic
         sync(device)
         run["replayed_step_ms"] = (time.perf_counter() - began) / len(kept) * 1e3
         del kept
-        print(f"reader x{workers} nice {nice}: {json.dumps(run)}", flush=True)
+        print(f"reader x{workers}: {json.dumps(run)}", flush=True)
         out.append(run)
     return out
 
@@ -302,14 +301,10 @@ class GcTimer:
         self._began = 0.0
 
     def __enter__(self) -> GcTimer:
-        import gc
-
         gc.callbacks.append(self._callback)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import gc
-
         gc.callbacks.remove(self._callback)
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
@@ -320,20 +315,40 @@ class GcTimer:
             self.counts[info["generation"]] += 1
 
 
-def children_cpu() -> float | None:
-    """CPU seconds (user + system) of this process's live child processes (the reader's workers)."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    total = 0.0
-    for child in psutil.Process().children(recursive=True):
+class WorkersCpu:
+    """CPU seconds (user + system) that the child processes alive at its creation (the reader's workers) spend
+    from then on; None without psutil."""
+
+    def __init__(self) -> None:
         try:
-            times = child.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
+            import psutil
+        except ImportError:
+            self.start: dict[Any, float] | None = None
+            return
+        self.start = {}
+        for child in psutil.Process().children(recursive=True):
+            spent = cpu_seconds(child)
+            if spent is not None:
+                self.start[child] = spent
+
+    def seconds(self) -> float | None:
+        if self.start is None:
+            return None
+        total = 0.0
+        for child, began in self.start.items():
+            spent = cpu_seconds(child)
+            total += spent - began if spent is not None else 0.0  # one that ended: its last seconds are lost
+        return total
+
+
+def cpu_seconds(process: Any) -> float | None:
+    import psutil
+
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return None
+    return times.user + times.system
 
 
 def sync(device: Any) -> None:
@@ -719,7 +734,7 @@ def per_run(
 
 
 def reader_table(report: dict[str, Any]) -> list[str]:
-    """The reader-included runs by workers and niceness (`reader_runs`), where a run has several."""
+    """The reader-included runs by workers (`reader_runs`)."""
     runs = [(r, x) for r in report["runs"] for x in r.get("reader_runs", [])]
     if not runs:
         return []
@@ -730,14 +745,14 @@ def reader_table(report: dict[str, Any]) -> list[str]:
         "threads, and of the workers; gc: Python's garbage collections during the timed steps; replayed: the same "
         "batches stepped again from the device after the reader closed):",
         "",
-        "| variant | GPUs | workers | nice | samples/s | step ms | next() wait ms | training process cores "
+        "| variant | GPUs | workers | samples/s | step ms | next() wait ms | training process cores "
         "| worker cores | gc ms/step (collections by generation) | same batches replayed, step ms "
         "| first epoch batches | inside it |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r, x in runs:
         lines.append(
-            f"| {r['variant']} | {r['gpus']} | {x['workers']} | {x['nice']} | {x['samples_per_s']:,.0f} | "
+            f"| {r['variant']} | {r['gpus']} | {x['workers']} | {x['samples_per_s']:,.0f} | "
             f"{x['step_ms']:.1f} | {x['next_wait_ms']:.1f} | {x['main_cores']:.2f} | "
             f"{fmt(x.get('worker_cores'), '.2f')} | {fmt(x.get('gc_ms_per_step'), '.2f')} "
             f"({'/'.join(map(str, x.get('gc_collections', [])))}) | {fmt(x.get('replayed_step_ms'), '.1f')} | "
@@ -980,7 +995,6 @@ def passthrough(args: argparse.Namespace) -> list[str]:
         str(args.workers),
     ]
     out += ["--reader-steps", str(args.reader_steps), "--reader-warmup", str(args.reader_warmup)]
-    out += ["--reader-nice", *map(str, args.reader_nice)]
     out += ["--reader-workers", *map(str, args.reader_workers)] if args.reader_workers else []
     out += [flag for flag, on in (("--small", args.small), ("--cpu", args.cpu)) if on]
     out += ["--preset", args.preset]
@@ -1037,9 +1051,6 @@ def main() -> int:
         nargs="+",
         default=[],
         help="reader-included runs at each of these worker counts per rank (default: --workers, fitted to the data)",
-    )
-    parser.add_argument(
-        "--reader-nice", type=int, nargs="+", default=[0], help="and at each of these data.worker_nice"
     )
     parser.add_argument("--samples", type=int, default=32768)
     parser.add_argument("--samples-per-shard", type=int, default=1024)

@@ -57,7 +57,6 @@ def test_overrides_are_typed() -> None:
         ('embeddings.sharding_types=["data_parallel"]', "data_parallel is refused: DDP is off"),
         ("training.grad_accum=2", "training.grad_accum: must be 1: fused sparse optimizers"),
         ("training.gc_every=-1", "training.gc_every: must be >= 0"),
-        ("data.worker_nice=20", "data.worker_nice: must be in [0, 19]"),
         ("optimizer.lr=inf", "optimizer.lr: must be a finite number, got inf"),
         ("embeddings.lr=nan", "embeddings.lr: must be a finite number, got nan"),
         ("model.ranker=mlp", "model.ranker: must be one of rankmixer, dlrm_mlp"),

@@ -2,12 +2,14 @@
 allocation count says.
 
 A training process holds millions of long-lived objects (torch, TorchRec, DeepSpeed, torch.compile's graphs and
-guards), and a step fed by the reader brings thousands of new ones (the batch's tensors, KJTs and their Python
-wrappers). Python's automatic collector then runs in the middle of steps, and its older generations walk most of
-those objects: time taken from a step thread that bounds the GPU step when the host launches the kernels. As
-torchtitan does (`training.gc_freq`), the automatic collector is off while the loop runs, and the young generations
-are collected every `every` steps; every `FULL_EVERY`th of those collections is a full one, so cycles that reached
-the oldest generation are still freed.
+guards), and Python's automatic collector runs in the middle of whichever step crosses its allocation threshold;
+an older generation's collection walks most of those objects (one gen-1 collection over the garbage of
+torch.compile's first steps took about 200 ms on the H200 host). Across ranks, such a pause on one rank holds up
+all the others at the next collective. As torchtitan does (`training.gc_freq`), the automatic collector is off while
+the loop runs, and the young generations are collected every `every` steps, at the same steps on every rank; every
+`FULL_EVERY`th of those collections is a full one, so cycles that reached the oldest generation are still freed.
+On one H200 the automatic collections of the lemur step, reader included, took under 0.1 ms a step
+(benchmarks/results/step-2026-12-03-h200-x1-reader-steady.md): the schedule is not a single-GPU speed-up.
 """
 
 from __future__ import annotations

@@ -127,9 +127,6 @@ class DataConfig:
     """Samples per batch on each rank."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0: read in the training process)."""
-    worker_nice: int = 0
-    """Niceness added to each DataLoader worker (`os.nice`, 0-19): with a step bound by the host (a GPU run), a
-    worker that wants a core then yields it to the training process's step thread instead of sharing it."""
     shuffle_buffer: int = 1_000
     """Samples held in the shuffle buffer of each reader (0: no sample shuffling)."""
     image_size: int = 64
@@ -168,7 +165,6 @@ class DataConfig:
     def validate(self, p: str) -> None:
         check(self.batch_size > 0, f"{p}.batch_size", "must be > 0")
         check(self.num_workers >= 0, f"{p}.num_workers", "must be >= 0")
-        check(0 <= self.worker_nice <= 19, f"{p}.worker_nice", "must be in [0, 19]")
         check(self.shuffle_buffer >= 0, f"{p}.shuffle_buffer", "must be >= 0")
         check(16 <= self.image_size <= 1024, f"{p}.image_size", "must be in [16, 1024]")
         check(0 <= self.images_per_sample <= 8, f"{p}.images_per_sample", "must be in [0, 8]")
@@ -577,9 +573,9 @@ class TrainingConfig:
     batch is read and moved when its step begins (the reference)."""
     gc_every: int = 50
     """Python's automatic garbage collection is off while the loop trains, and the young generations are collected
-    every N steps (a full collection every 20th time; `trainer/collector.py`), as torchtitan's gc_freq: a collection
-    that runs inside a step walks the process's millions of long-lived objects in the thread that launches the
-    step's kernels. 0: Python's automatic collection."""
+    every N steps (a full collection every 20th time; `trainer/collector.py`), as torchtitan's gc_freq: collections
+    come at the same steps on every rank instead of whenever a rank's allocation count says, where one rank's pause
+    holds up all the others at the next collective. 0: Python's automatic collection."""
     compile: bool = False
     """torch.compile the dense arch's blocks (content and query towers with the fusion, LONGER decoders, ranker):
     fewer, fused kernels; the first steps pay the compile time. Off: eager, the reference path."""

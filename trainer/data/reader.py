@@ -16,7 +16,6 @@ it had consumed (no decoding), and workers are rotated so the next batch comes f
 
 from __future__ import annotations
 
-import functools
 import gc
 import itertools
 import logging
@@ -61,8 +60,6 @@ class ReaderSettings:
     limits: Limits
     split: str = "train"
     """For messages."""
-    worker_nice: int = 0
-    """Niceness added to each DataLoader worker."""
 
 
 class NoProgress(RuntimeError):
@@ -246,7 +243,7 @@ def chunks(stream: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _worker_init(worker_id: int, nice: int = 0) -> None:
+def _worker_init(worker_id: int) -> None:
     """A DataLoader worker, which only reads.
 
     SIGTERM is ignored: torchrun and Slurm signal a rank's whole process group, workers included, and torch's
@@ -264,12 +261,7 @@ def _worker_init(worker_id: int, nice: int = 0) -> None:
     of a batch's ~25 storages through a socket round trip (connect, authentication, a file descriptor) that the
     worker's sharer thread answers, when the worker's busy reading lets it take the GIL: 5.7 against 3.4 ms (median)
     a batch of 2048 on a 2-core CPU (`benchmarks/worker_handover.py`), paid in the thread that also runs the step.
-    Named files are opened without the worker; torch's shared-memory manager removes them if a process dies.
-
-    `nice` (data.worker_nice) lowers the worker's scheduling priority, so that a training process bound by the host
-    takes a core before the workers do."""
-    if nice:
-        os.nice(nice)
+    Named files are opened without the worker; torch's shared-memory manager removes them if a process dies."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
@@ -395,7 +387,7 @@ class BatchStream:
             persistent_workers=False,
             prefetch_factor=4 if workers else None,
             multiprocessing_context="fork" if workers else None,
-            worker_init_fn=functools.partial(_worker_init, nice=ds.settings.worker_nice) if workers else None,
+            worker_init_fn=_worker_init if workers else None,
             # Its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG,
             # which would shift dropout masks after every epoch boundary and after a resume.
             generator=torch.Generator().manual_seed(ds.settings.seed),
@@ -468,7 +460,6 @@ def make_batch_stream(
         batch_size=data.batch_size,
         training=split == "train",
         num_workers=data.num_workers,
-        worker_nice=data.worker_nice,
         shuffle_buffer=data.shuffle_buffer,
         seed=data.seed,
         bad_input=data.bad_input,
