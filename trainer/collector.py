@@ -3,8 +3,8 @@ allocation count says.
 
 A training process holds millions of long-lived objects (torch, TorchRec, DeepSpeed, torch.compile's graphs and
 guards), and Python's automatic collector runs in the middle of whichever step crosses its allocation threshold;
-an older generation's collection walks most of those objects (one gen-1 collection over the garbage of
-torch.compile's first steps took about 200 ms on the H200 host). Across ranks, such a pause on one rank holds up
+a collection walks every tracked object its generations hold (a gen-1 collection over what a benchmark's profiled
+steps had left took 205 and 283 ms on the H200 host). Across ranks, such a pause on one rank holds up
 all the others at the next collective. As torchtitan does (`training.gc_freq`), the automatic collector is off while
 the loop runs, and the young generations are collected every `every` steps, at the same steps on every rank; every
 `FULL_EVERY`th of those collections is a full one, so cycles that reached the oldest generation are still freed.
