@@ -179,12 +179,12 @@ def child(args: argparse.Namespace) -> None:
             sync(device)
             return time.perf_counter() - began
 
-        collector = (
-            trainer.collector.__enter__()
-        )  # the loop's garbage collection schedule (training.gc_every)
         first_loss = float(trainer.train_step(batches[0]))  # same seed and batch in every run: comparable
         trainer.step += 1
         steps(max(0, args.warmup - 1))
+        # The loop's garbage-collection schedule (training.gc_every) from here, as `fit` runs it; entering collects
+        # what the compiling steps left, which the first scheduled collection would otherwise walk in a timed step.
+        collector = trainer.collector.__enter__()
         memory_reset(device)
         with GcTimer() as collections:
             seconds = steps(args.steps)
@@ -215,7 +215,7 @@ def child(args: argparse.Namespace) -> None:
         if args.reader:
             runs = reader_runs(trainer, args, workers)
             result["reader_runs"] = runs
-            result["reader_samples_per_s"] = runs[0]["samples_per_s"] * info.world_size if runs else None
+            result["reader_samples_per_s"] = runs[0]["samples_per_s"] if runs else None  # all ranks
             result["reader_workers_per_rank"] = runs[0]["workers"] if runs else None
         collector.__exit__(None, None, None)
         trainer.close()
@@ -224,8 +224,9 @@ def child(args: argparse.Namespace) -> None:
 
 
 def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dict[str, Any]]:
-    """The steps with the reader included, at each of --reader-workers worker counts, each on a fresh stream (as a run starts): --reader-warmup steps, at least one per worker so that every worker's first
-    batch is in, then --reader-steps timed ones. Per step: the wait in `next()` (the batch not ready, or its
+    """The steps with the reader included, at each of the --reader-workers worker counts, each on a fresh stream
+    (as a run starts): --reader-warmup steps, at least one per worker so that every worker's first batch is in,
+    then --reader-steps timed ones. Per step: the wait in `next()` (the batch not ready, or its
     hand-over from the worker) apart from the rest; the cores the training process (step thread, pin-memory and
     prefetch threads) and the workers kept busy; and whether the steps stayed inside the first epoch (an epoch
     boundary restarts every worker)."""
@@ -265,7 +266,7 @@ def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dic
         cpu, workers_seconds = time.process_time() - cpu, workers_cpu.seconds()
         run = {
             "workers": workers,
-            "samples_per_s": args.reader_steps * trainer.cfg.data.batch_size * world / seconds,
+            "samples_per_s": args.reader_steps * trainer.cfg.data.batch_size * world / seconds,  # all ranks
             "step_ms": seconds / args.reader_steps * 1e3,
             "next_wait_ms": waited / args.reader_steps * 1e3,
             "main_cores": cpu / seconds,
@@ -740,7 +741,7 @@ def reader_table(report: dict[str, Any]) -> list[str]:
         return []
     lines = [
         "",
-        "Reader included, per rank (fresh stream each; warm-up of at least one step per worker; next() wait: the "
+        "Reader included (workers per rank, samples/s over all ranks; a fresh stream each; warm-up of at least one step per worker; next() wait: the "
         "step thread waiting for its batch; cores: CPU seconds per second of the training process, all its "
         "threads, and of the workers; gc: Python's garbage collections during the timed steps; replayed: the same "
         "batches stepped again from the device after the reader closed):",
@@ -1052,7 +1053,12 @@ def main() -> int:
         default=[],
         help="reader-included runs at each of these worker counts per rank (default: --workers, fitted to the data)",
     )
-    parser.add_argument("--samples", type=int, default=32768)
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=98304,
+        help="in the dataset (the default keeps 14 workers' reader-included steps inside the first epoch)",
+    )
     parser.add_argument("--samples-per-shard", type=int, default=1024)
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--long-history", type=int, default=1000)
