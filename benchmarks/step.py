@@ -182,8 +182,9 @@ def child(args: argparse.Namespace) -> None:
         first_loss = float(trainer.train_step(batches[0]))  # same seed and batch in every run: comparable
         trainer.step += 1
         steps(max(0, args.warmup - 1))
-        # The loop's garbage-collection schedule (training.gc_every) from here, as `fit` runs it; entering collects
-        # what the compiling steps left, which the first scheduled collection would otherwise walk in a timed step.
+        # The loop's garbage-collection schedule (training.gc_every) from here, as `fit` runs it, after a collection
+        # of what the compiling steps left, which the first scheduled collection would otherwise walk in a timed step.
+        gc.collect()
         collector = trainer.collector.__enter__()
         memory_reset(device)
         with GcTimer() as collections:

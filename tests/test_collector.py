@@ -38,9 +38,8 @@ def test_automatic_collection_is_off_inside_and_back_after() -> None:
     assert gc.isenabled()
     with StepCollector(5) as collector:
         assert not gc.isenabled()
-        assert collector.collections == 1  # the clean start
     assert gc.isenabled()
-    assert collector.collections == 2  # and a full one on leaving
+    assert collector.collections == 0  # entering and leaving walk nothing
 
 
 def test_a_disabled_collector_is_left_disabled() -> None:

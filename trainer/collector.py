@@ -26,9 +26,11 @@ FULL_EVERY = 20
 
 
 class StepCollector:
-    """`with collector:` turns automatic collection off (and back to what it was on leaving, after a full
-    collection); `collector.step(n)` at each step collects at the steps due. `every` = 0: Python's automatic
-    collection throughout, and both do nothing."""
+    """`with collector:` turns automatic collection off (and back to what it was on leaving); `collector.step(n)`
+    at each step collects at the steps due. `every` = 0: Python's automatic collection throughout, and both do
+    nothing. Entering and leaving collect nothing themselves: a full collection walks the whole heap (0.2 s in a
+    process that has imported torch, DeepSpeed and TorchRec, on a 2-core CPU), and automatic collection, back on
+    after the loop, frees what the loop left."""
 
     def __init__(self, every: int) -> None:
         if every < 0:
@@ -45,7 +47,6 @@ class StepCollector:
             self._was_enabled = gc.isenabled()
             gc.disable()
             self.active = True
-            self._collect(2)  # what automatic collection left behind: the loop starts from a clean heap
         return self
 
     def __exit__(
@@ -56,7 +57,6 @@ class StepCollector:
     ) -> None:
         if self.active:
             self.active = False
-            self._collect(2)
             if self._was_enabled:
                 gc.enable()
 
