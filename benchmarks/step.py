@@ -237,15 +237,14 @@ def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dic
     out = []
     for workers in args.reader_workers or [fitted]:
         trainer.cfg.data.num_workers = workers
-        stream = trainer.batches("train", pin_memory=device.type == "cuda")
+        stream, inputs = trainer.train_inputs()
         per_epoch = stream.dataset.batches_per_epoch(0)
         warmup = max(args.reader_warmup, workers)
         if per_epoch == 0:
             print(f"reader x{workers}: no full batch per worker; skipped", flush=True)
+            if isinstance(inputs, DevicePrefetcher):
+                inputs.close()
             continue
-        inputs = (
-            DevicePrefetcher(stream, trainer.to_device, device) if trainer.cfg.training.prefetch else stream
-        )
         source = iter(inputs)
         for _ in range(warmup):
             trainer.train_step(next(source))

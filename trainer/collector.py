@@ -38,8 +38,6 @@ class StepCollector:
         self.every = every
         self.active = False
         self.collections = 0
-        self.seconds = 0.0
-        """Time spent in the scheduled collections."""
         self._was_enabled = True
 
     def __enter__(self) -> StepCollector:
@@ -68,6 +66,5 @@ class StepCollector:
     def _collect(self, generation: int) -> None:
         began = time.perf_counter()
         gc.collect(generation)
-        self.seconds += time.perf_counter() - began
         self.collections += 1
         log.debug("gc: generation %d collected in %.1f ms", generation, (time.perf_counter() - began) * 1e3)

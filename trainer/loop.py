@@ -109,12 +109,7 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.out_dir = Path(cfg.logging.out_dir)
         self.plan = plan_id_tables(self.spec, cfg.embeddings)
-        self.train_stream = self.batches("train", pin_memory=info.device.type == "cuda")
-        self.inputs: DevicePrefetcher | BatchStream = (
-            DevicePrefetcher(self.train_stream, self.to_device, info.device)
-            if cfg.training.prefetch
-            else self.train_stream
-        )
+        self.train_stream, self.inputs = self.train_inputs()
         """What the loop iterates and checkpoints: the reader, with the next batch in flight (`training.prefetch`)."""
         collator = self.train_stream.dataset.collator
         seed_everything(cfg.training.seed)
@@ -203,6 +198,14 @@ class Trainer:
             pad_to_longest=True,
             device=self.info.device,  # data.image_decode = auto: JPEGs are decoded where the batches go
         )
+
+    def train_inputs(self) -> tuple[BatchStream, DevicePrefetcher | BatchStream]:
+        """A fresh train reader from the start of its data, and what the loop iterates: that reader, or it with the
+        next batch in flight (`training.prefetch`)."""
+        stream = self.batches("train", pin_memory=self.info.device.type == "cuda")
+        if not self.cfg.training.prefetch:
+            return stream, stream
+        return stream, DevicePrefetcher(stream, self.to_device, self.info.device)
 
     def count_params(self, trainable: bool) -> int:
         return sum(p.numel() for p in self.model.dense.parameters() if p.requires_grad or not trainable)
