@@ -53,7 +53,9 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -251,7 +253,7 @@ def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dic
             trainer.step += 1
         sync(device)
         gc.collect(1)  # the benchmark's own garbage (its profilers'), not the loop's
-        cpu, workers_cpu, waited, kept = time.process_time(), WorkersCpu(), 0.0, []
+        cpu, workers_cpu, threads_cpu, waited, kept = time.process_time(), WorkersCpu(), ThreadsCpu(), 0.0, []
         with GcTimer() as collections:
             began = time.perf_counter()
             for _ in range(args.reader_steps):
@@ -263,7 +265,11 @@ def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dic
                 kept.append(batch)
             sync(device)
             seconds = time.perf_counter() - began
-        cpu, workers_seconds = time.process_time() - cpu, workers_cpu.seconds()
+        cpu, workers_seconds, threads = (
+            time.process_time() - cpu,
+            workers_cpu.seconds(),
+            threads_cpu.seconds(),
+        )
         run = {
             "workers": workers,
             "samples_per_s": args.reader_steps * trainer.cfg.data.batch_size * world / seconds,  # all ranks
@@ -271,6 +277,7 @@ def reader_runs(trainer: Any, args: argparse.Namespace, fitted: int) -> list[dic
             "next_wait_ms": waited / args.reader_steps * 1e3,
             "main_cores": cpu / seconds,
             "worker_cores": workers_seconds / seconds if workers_seconds is not None else None,
+            "thread_cpu_ms_per_step": {k: v / args.reader_steps * 1e3 for k, v in (threads or {}).items()},
             "gc_ms_per_step": collections.seconds / args.reader_steps * 1e3,
             "gc_collections": collections.counts,
             "batches_first_epoch": per_epoch,
@@ -340,6 +347,43 @@ class WorkersCpu:
             spent = cpu_seconds(child)
             total += spent - began if spent is not None else 0.0  # one that ended: its last seconds are lost
         return total
+
+
+class ThreadsCpu:
+    """CPU seconds each thread of this process spends from its creation on, by what the thread does: the step's
+    thread, the DataLoader's pinning thread, the prefetcher's to_device thread; threads Python did not start (the
+    CUDA driver's, NCCL's) are "other". None without psutil."""
+
+    def __init__(self) -> None:
+        self.start = self.now()
+
+    @staticmethod
+    def now() -> dict[int, float] | None:
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
+
+    def seconds(self) -> dict[str, float] | None:
+        now = self.now()
+        if now is None or self.start is None:
+            return None
+        labels = {t.native_id: thread_label(t) for t in threading.enumerate()}
+        spent: Counter = Counter()
+        for tid, seconds in now.items():
+            spent[labels.get(tid, "other")] += seconds - self.start.get(tid, 0.0)
+        return dict(spent)
+
+
+def thread_label(thread: threading.Thread) -> str:
+    if thread is threading.main_thread():
+        return "step"
+    if "pin_memory" in thread.name:
+        return "pin_memory"
+    if thread.name.startswith("to_device"):
+        return "to_device"
+    return thread.name
 
 
 def cpu_seconds(process: Any) -> float | None:
@@ -760,6 +804,13 @@ def reader_table(report: dict[str, Any]) -> list[str]:
             f"{x['batches_first_epoch']} | "
             f"{'yes' if x['within_first_epoch'] else 'no: workers restarted'} |"
         )
+    threads = [(r, x) for r, x in runs if x.get("thread_cpu_ms_per_step")]
+    if threads:
+        lines += ["", "CPU time per step of the training process's threads in those steps (ms):", ""]
+        for r, x in threads:
+            parts = sorted(x["thread_cpu_ms_per_step"].items(), key=lambda kv: -kv[1])
+            shown = ", ".join(f"{k} {v:.1f}" for k, v in parts)
+            lines.append(f"- {r['variant']} x{r['gpus']}, {x['workers']} workers: {shown}")
     return lines
 
 
