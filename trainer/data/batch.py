@@ -124,11 +124,6 @@ class Batch:
     reader_position: int = 0
     """Raw samples that reader had consumed when the batch was complete (for exact resume)."""
 
-    storage: torch.Tensor | None = None
-    """[bytes] uint8: the one buffer the batch's tensors are views of, when it came from a DataLoader worker
-    (`trainer/data/handover.py`), else None. `pin_memory`, `to` and `_map` move it in one piece, and the tensors
-    still on it go along as views: one host-to-device copy a batch instead of one per tensor."""
-
     @property
     def size(self) -> int:
         return int(self.labels.shape[0])
@@ -144,42 +139,16 @@ class Batch:
         return batch
 
     def _map(self, fn) -> Batch:  # type: ignore[no-untyped-def]
-        """`fn` over every tensor: over `storage` once, where there is one, and the tensors still on it become the
-        same views of fn(storage) (a tensor since replaced by one of its own goes through `fn` alone)."""
-        if self.storage is None:
-            return self._map_tensors(fn)
-        base = self.storage
-        pointer = base.untyped_storage().data_ptr()
-        moved = fn(base)
-
-        def view(t: torch.Tensor) -> torch.Tensor:
-            if t.device == base.device and t.untyped_storage().data_ptr() == pointer:
-                return moved.view(t.dtype).as_strided(t.shape, t.stride(), t.storage_offset())
-            return fn(t)
-
-        batch = self._map_tensors(view)
-        batch.storage = moved
-        return batch
-
-    def _map_tensors(self, fn) -> Batch:  # type: ignore[no-untyped-def]
-        """A batch of `fn(tensor)` for every tensor, the KJTs' parts one by one, in a fixed order; `storage` None."""
-        return Batch(
-            **{
-                f.name: None if f.name == "storage" else _map_value(getattr(self, f.name), fn)
-                for f in fields(self)
-            }
-        )
+        return Batch(**{f.name: _map_value(getattr(self, f.name), fn) for f in fields(self)})
 
 
 def _map_value(value, fn):  # type: ignore[no-untyped-def]
-    """`fn` over the tensors of one field. A module-level function: a nested one that called itself would be a
-    reference cycle holding `fn`, and whatever `fn` holds (a batch's buffer) would wait for the garbage collector."""
+    """`fn` over one field's tensors (whole KJTs). A module-level function: a nested one that called itself would be
+    a reference cycle holding `fn` and what it holds, garbage for the collector after every `to`/`pin_memory`."""
     if isinstance(value, EncodedImages):
         return value
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, KeyedJaggedTensor)):
         return fn(value)
-    if isinstance(value, KeyedJaggedTensor):
-        return _map_kjt(value, fn)
     if isinstance(value, Tokens):
         return Tokens(fn(value.input_ids), fn(value.attention_mask))
     if isinstance(value, PackedText):
@@ -187,24 +156,3 @@ def _map_value(value, fn):  # type: ignore[no-untyped-def]
     if isinstance(value, dict) and value and isinstance(next(iter(value.values())), Tokens):
         return {k: _map_value(v, fn) for k, v in value.items()}
     return value
-
-
-def _map_kjt(kjt: KeyedJaggedTensor, fn) -> KeyedJaggedTensor:  # type: ignore[no-untyped-def]
-    """`fn` over a KJT's tensors, its host-side caches kept (as `KeyedJaggedTensor.pin_memory` does)."""
-    weights, lengths, offsets = kjt.weights_or_none(), kjt._lengths, kjt._offsets
-    inverse = kjt._inverse_indices
-    return KeyedJaggedTensor(
-        keys=kjt.keys(),
-        values=fn(kjt.values()),
-        weights=fn(weights) if weights is not None else None,
-        lengths=fn(lengths) if lengths is not None else None,
-        offsets=fn(offsets) if offsets is not None else None,
-        stride=kjt._stride,
-        stride_per_key_per_rank=kjt._stride_per_key_per_rank if kjt.variable_stride_per_key() else None,
-        stride_per_key=kjt._stride_per_key,
-        length_per_key=kjt._length_per_key,
-        lengths_offset_per_key=kjt._lengths_offset_per_key,
-        offset_per_key=kjt._offset_per_key,
-        index_per_key=kjt._index_per_key,
-        inverse_indices=(inverse[0], fn(inverse[1])) if inverse is not None else None,
-    )

@@ -33,7 +33,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.config.schema import Config
-from trainer.data import handover
 from trainer.data.batch import Batch
 from trainer.data.collate import CollateSpec, Collator, collate_spec, empty_sample
 from trainer.data.decode import BadSample, Limits, RawSample, SkipCounter, parse_sample, tar_samples
@@ -111,11 +110,7 @@ class ShardDataset(IterableDataset):
         reader = (physical + self.start_batches) % self.readers
         done = self.start_batches // self.readers + (1 if reader < self.start_batches % self.readers else 0)
         total = self.batches_per_reader(self.epoch)
-        batches = itertools.islice(self._reader_batches(reader, self.start_positions[reader]), total - done)
-        if info is None or not handover.AVAILABLE:
-            yield from batches
-        else:
-            yield from (handover.HandOver(batch) for batch in batches)
+        yield from itertools.islice(self._reader_batches(reader, self.start_positions[reader]), total - done)
 
     def _reader_batches(self, reader: int, skip_raw: int) -> Iterator[Batch]:
         s = self.settings
@@ -398,7 +393,7 @@ class BatchStream:
             generator=torch.Generator().manual_seed(ds.settings.seed),
         )
         try:
-            for batch in map(handover.received, loader):
+            for batch in loader:
                 self.batches += 1
                 self.positions[batch.reader] = batch.reader_position
                 self.skipped.update(batch.skipped)
