@@ -39,7 +39,9 @@ Collectives
     ``read``, ``write``, ``dedup_join``, ``coverage``, ``warm_up``, ``save`` and ``stats(reduce=True)`` are
     collectives over ``group``: every rank calls them in the same order (an empty request is fine). With one rank
     nothing is exchanged. Split sizes are exchanged first and copied to the host (one device sync per call; in
-    ``write`` this also waits for the kernels that produced the vectors before the side stream takes over).
+    ``write`` this also waits for the kernels that produced the vectors before the side stream takes over), but for
+    ``write`` and ``dedup_join`` with ``same_size`` (every rank passes as many entries: a batch's targets), which
+    exchange fixed-size blocks instead and never wait.
     NCCL moves device tensors; gloo moves host tensors (the bank itself may still live on a GPU).
 """
 
@@ -225,11 +227,19 @@ class MemoryBank:
 
     @torch.no_grad()
     def write(
-        self, item_ids: torch.Tensor, vectors: torch.Tensor, step: int, keep: torch.Tensor | None = None
+        self,
+        item_ids: torch.Tensor,
+        vectors: torch.Tensor,
+        step: int,
+        keep: torch.Tensor | None = None,
+        same_size: bool = False,
     ) -> None:
         """Send detached ``vectors`` [N, D] to their owners, to be stored with version ``step`` once visible
         (reads at steps >= step + max_staleness). ``keep`` [N] bool: only those entries are stored (a mask instead
-        of a boolean index keeps the host from waiting for the device). A collective; asynchronous on CUDA."""
+        of a boolean index keeps the host from waiting for the device). A collective; asynchronous on CUDA.
+        ``same_size``: the caller vouches that every rank writes N entries (a batch's targets): each owner then
+        gets a block of N slots, the unused ones not kept, so no sizes are exchanged and the host does not wait
+        for the device (world_size times the entries travel; the same rows end up stored)."""
         ids = self._ids(item_ids)
         vectors = self._vectors(vectors, ids.numel())
         if keep is not None:
@@ -240,12 +250,15 @@ class MemoryBank:
                 vectors.record_stream(stream)
                 if keep is not None:
                     keep.record_stream(stream)
-            route = self._route(ids)
-            received_ids = self._exchange(_permute(ids, route.order), route)
-            received = self._exchange(_permute(vectors, route.order), route)
-            received_keep = None
-            if keep is not None:
-                received_keep = self._exchange(_permute(keep.to(torch.uint8), route.order), route).bool()
+            if same_size and self.world_size > 1:
+                received_ids, received, received_keep = self._exchange_blocks(ids, vectors, keep)
+            else:
+                route = self._route(ids)
+                received_ids = self._exchange(_permute(ids, route.order), route)
+                received = self._exchange(_permute(vectors, route.order), route)
+                received_keep = None
+                if keep is not None:
+                    received_keep = self._exchange(_permute(keep.to(torch.uint8), route.order), route).bool()
             event = None
             if stream is not None:
                 event = torch.cuda.Event()
@@ -445,6 +458,41 @@ class MemoryBank:
         send, recv = (route.recv, route.send) if back else (route.send, route.recv)
         out = torch.empty((sum(recv), *x.shape[1:]), dtype=x.dtype, device=self._comm)
         dist.all_to_all_single(out, x.to(self._comm).contiguous(), recv, send, group=self.group)
+        return out.to(self.device)
+
+    def _exchange_blocks(
+        self, ids: torch.Tensor, vectors: torch.Tensor, keep: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A write of N entries on every rank, sizes unexchanged: block r of what this rank sends holds, in request
+        order, its entries that rank r owns, then NO_ITEM entries not kept; block r of what it receives is rank r's
+        for it. The kept entries arrive in the order `_route` gives them, so `_scatter` stores the same rows."""
+        n, world = ids.numel(), self.world_size
+        owner = owner_of(ids, world, self.capacity)
+        order = torch.argsort(owner, stable=True)
+        # not bincount: on CUDA it reads the largest value back to size its output
+        counts = torch.zeros(world, dtype=torch.int64, device=ids.device).index_add_(
+            0, owner, torch.ones_like(owner)
+        )
+        by_owner = owner[order]
+        slot = (
+            by_owner * n + torch.arange(n, device=ids.device) - (torch.cumsum(counts, 0) - counts)[by_owner]
+        )
+        kept = keep if keep is not None else torch.ones(n, dtype=torch.bool, device=ids.device)
+
+        def blocks(x: torch.Tensor, fill: int) -> torch.Tensor:
+            out = x.new_full((world * n, *x.shape[1:]), fill)
+            return out.index_copy_(0, slot, x.index_select(0, order))
+
+        received = [
+            self._exchange_equal(blocks(x, fill))
+            for x, fill in ((ids, NO_ITEM), (vectors, 0), (kept.to(torch.uint8), 0))
+        ]
+        return received[0], received[1], received[2].bool()
+
+    def _exchange_equal(self, x: torch.Tensor) -> torch.Tensor:
+        """Equal blocks of x's rows: block r to rank r, block r of the result from rank r; on the bank device."""
+        out = torch.empty_like(x, device=self._comm)
+        dist.all_to_all_single(out, x.to(self._comm).contiguous(), group=self.group)
         return out.to(self.device)
 
     def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

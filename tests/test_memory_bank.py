@@ -299,6 +299,7 @@ def test_save_removes_files_of_a_larger_earlier_job(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- two ranks
 
 WORLD = 2
+SMALL_ROWS = 64
 SHARED = (5000, 5010)  # both ranks write these ids in the same steps: rank 1 (the higher position) wins
 
 
@@ -367,6 +368,16 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     args = (x["hist"], x["mask"], x["cached"], x["fresh_ids"], x["fresh"])
     out["dedup_same_size"] = bank.dedup_join(*args, same_size=True)
 
+    for same_size in (False, True):  # a small bank: collisions and evictions; some entries not kept
+        small = MemoryBank(SMALL_ROWS, DIM)
+        routed: list[int] = []
+        small._route = _counting(small._route, routed)  # type: ignore[method-assign]
+        for step, ids, vectors in rank_writes(rank):
+            small.write(ids, vectors, step, keep=ids % 3 != 0, same_size=same_size)
+        small.flush()
+        state = (small.item_id, small.vectors, small.version, small.filled)
+        out[f"blocks_{same_size}"] = ([t.clone() for t in state], small.stats()["evictions"], routed)
+
     restored = MemoryBank(BIG, DIM)
     restored.load(tmp / "saved1")
     out["restored"] = restored.read(torch.arange(0, 400), step=100)
@@ -376,6 +387,10 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     warm.warm_up(torch.arange(n) + 100 * rank, torch.ones(n, DIM), chunk=4)  # 3 chunks vs 1
     out["warm"] = warm.read(torch.cat([torch.arange(10), torch.arange(100, 103)]), step=0)[1]
     return out
+
+
+def _counting(route: Any, calls: list[int]) -> Any:
+    return lambda ids: calls.append(ids.numel()) or route(ids)
 
 
 @pytest.fixture(scope="module")
@@ -507,3 +522,21 @@ def test_masked_writes_and_joins_equal_writing_and_joining_the_selected_entries(
     (ref * x["weights"]).sum().backward()
     assert_same_grad(fresh.grad, ref_fresh.grad)
     assert (fresh.grad[~fresh_mask] == 0).all()
+
+
+@pytest.mark.slow
+def test_two_ranks_same_size_writes_store_what_routed_writes_store(
+    two_ranks: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """`write(same_size=True)` (fixed blocks, no sizes exchanged, no host sync on CUDA) leaves every rank's rows,
+    versions and eviction count exactly as the routed write does, duplicates, collisions and masks included."""
+    _, results = two_ranks
+    for out in results:
+        (routed_state, routed_evictions, routed_calls) = out["blocks_False"]
+        (block_state, block_evictions, block_calls) = out["blocks_True"]
+        assert routed_calls and not block_calls  # the blocks exchanged no sizes
+        assert routed_evictions > 0 and block_evictions == routed_evictions
+        assert routed_state[3].sum() > 0
+        rows = SMALL_ROWS // WORLD  # the bank's own rows: the spare trash row keeps whatever landed last
+        for got, want in zip(block_state, routed_state, strict=True):
+            assert torch.equal(got[:rows], want[:rows])

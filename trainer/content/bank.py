@@ -192,7 +192,8 @@ class BankContent:
         when `measure` (a logging step: it may wait for the device)."""
         if measure:
             self.measure_staleness(batch.item_id[content.fresh], content.target[content.fresh].detach(), step)
-        self.bank.write(batch.item_id, content.target.detach(), step, keep=content.fresh)
+        # every rank's batch is the same size (the reader's guarantee): no exchange of sizes, no host sync
+        self.bank.write(batch.item_id, content.target.detach(), step, keep=content.fresh, same_size=True)
 
     # ------------------------------------------------------------------------------------ around the loop
 
