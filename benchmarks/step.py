@@ -350,9 +350,10 @@ class WorkersCpu:
 
 
 class ThreadsCpu:
-    """CPU seconds each thread of this process spends from its creation on, by what the thread does: the step's
-    thread, the DataLoader's pinning thread, the prefetcher's to_device thread; threads Python did not start (the
-    CUDA driver's, NCCL's) are "other". None without psutil."""
+    """CPU seconds each thread of this process spends from this object's creation on, by what the thread does: the
+    step's thread, the DataLoader's pinning thread, the prefetcher's to_device thread; threads Python did not start
+    (torch's intra-op pool, which runs large host copies, the CUDA driver's, NCCL's) are "other". psutil counts in
+    ticks of 10 ms. None without psutil."""
 
     def __init__(self) -> None:
         self.start = self.now()

@@ -467,6 +467,8 @@ class MemoryBank:
         order, its entries that rank r owns, then NO_ITEM entries not kept; block r of what it receives is rank r's
         for it. The kept entries arrive in the order `_route` gives them, so `_scatter` stores the same rows."""
         n, world = ids.numel(), self.world_size
+        if n == 0:  # on every rank, as the caller vouched: nothing to exchange
+            return ids, vectors, torch.zeros(0, dtype=torch.bool, device=ids.device)
         owner = owner_of(ids, world, self.capacity)
         order = torch.argsort(owner, stable=True)
         # not bincount: on CUDA it reads the largest value back to size its output

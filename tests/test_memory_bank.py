@@ -374,6 +374,7 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
         small._route = _counting(small._route, routed)  # type: ignore[method-assign]
         for step, ids, vectors in rank_writes(rank):
             small.write(ids, vectors, step, keep=ids % 3 != 0, same_size=same_size)
+        small.write(torch.zeros(0, dtype=torch.int64), torch.zeros(0, DIM), 4, same_size=same_size)  # nothing
         small.flush()
         state = (small.item_id, small.vectors, small.version, small.filled)
         out[f"blocks_{same_size}"] = ([t.clone() for t in state], small.stats()["evictions"], routed)
