@@ -35,6 +35,10 @@ def test_same_seed_same_bytes_whatever_the_worker_count(tmp_path: Path) -> None:
     for info in read_spec(a).shards["train"] + read_spec(a).shards["eval"]:
         assert (a / info.name).read_bytes() == (b / info.name).read_bytes()
     assert pq.read_table(a / "items.parquet").equals(pq.read_table(b / "items.parquet"))
+    # the trained tokenizer too (its trainer numbered "##" pieces in hash-map order: another vocabulary each run)
+    assert (a / "tokenizer" / "tokenizer.json").read_bytes() == (
+        b / "tokenizer" / "tokenizer.json"
+    ).read_bytes()
     cfg = small_config(tmp_path / "c", "data.synth.num_samples=600", "data.synth.seed=1")
     synthesize(cfg.data.synth, tmp_path / "c", vocab_size=300, progress=False)
     assert (a / "train-000000.tar").read_bytes() != (tmp_path / "c" / "train-000000.tar").read_bytes()

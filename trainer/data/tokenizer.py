@@ -16,13 +16,22 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike
 ) -> PreTrainedTokenizerFast:
-    """WordPiece (BERT-style, lower-cased) trained on `texts`, saved with save_pretrained into `out_dir`."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    """WordPiece (BERT-style, lower-cased) trained on `texts`, saved with save_pretrained into `out_dir`.
+
+    The same texts give the same tokenizer, in every run and on every rank (ranks that train it on first use each
+    keep their own). So the pieces inside a word carry no "##" prefix: the trainer numbers those prefixed pieces in
+    hash-map order, which differs from process to process and decides ties between merges, so that each training
+    gave another vocabulary (huggingface/tokenizers#1794). A piece then has one id wherever it stands in a word;
+    decoding puts spaces between pieces."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=""))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        continuing_subword_prefix="",
     )
     tok.train_from_iterator(texts, trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
