@@ -18,11 +18,11 @@ def train_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """WordPiece (BERT-style, lower-cased) trained on `texts`, saved with save_pretrained into `out_dir`.
 
-    The same texts give the same tokenizer, in every run and on every rank (ranks that train it on first use each
-    keep their own). So the pieces inside a word carry no "##" prefix: the trainer numbers those prefixed pieces in
-    hash-map order, which differs from process to process and decides ties between merges, so that each training
-    gave another vocabulary (huggingface/tokenizers#1794). A piece then has one id wherever it stands in a word;
-    decoding puts spaces between pieces."""
+    The same texts give the same tokenizer in every run (`lemur data synth` twice, an import done again). So the
+    pieces inside a word carry no "##" prefix: the trainer numbers those prefixed pieces in hash-map order, which
+    differs from process to process and decides ties between merges, so that each training gave another
+    vocabulary (huggingface/tokenizers#1794). A piece then has one id wherever it stands in a word; decoding puts
+    spaces between pieces."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=""))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
