@@ -18,8 +18,9 @@ def train_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """WordPiece (BERT-style, lower-cased) trained on `texts`, saved with save_pretrained into `out_dir`.
 
-    The same texts give the same tokenizer in every run (`lemur data synth` twice, an import done again). So the
-    pieces inside a word carry no "##" prefix: the trainer numbers those prefixed pieces in hash-map order, which
+    The same texts give the same tokenizer in every run and on every rank: ranks that find no tokenizer each train
+    one at once, and each loads its own before another rank's may replace it on disk. So the pieces inside a word
+    carry no "##" prefix: the trainer numbers those prefixed pieces in hash-map order, which
     differs from process to process and decides ties between merges, so that each training gave another
     vocabulary (huggingface/tokenizers#1794). A piece then has one id wherever it stands in a word; decoding puts
     spaces between pieces."""
