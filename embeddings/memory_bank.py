@@ -485,17 +485,12 @@ class MemoryBank:
             out = x.new_full((world * n, *x.shape[1:]), fill)
             return out.index_copy_(0, slot, x.index_select(0, order))
 
+        equal = _Route(None, [n] * world, [n] * world)  # sizes known on every rank: nothing read back
         received = [
-            self._exchange_equal(blocks(x, fill))
+            self._exchange(blocks(x, fill), equal)
             for x, fill in ((ids, NO_ITEM), (vectors, 0), (kept.to(torch.uint8), 0))
         ]
         return received[0], received[1], received[2].bool()
-
-    def _exchange_equal(self, x: torch.Tensor) -> torch.Tensor:
-        """Equal blocks of x's rows: block r to rank r, block r of the result from rank r; on the bank device."""
-        out = torch.empty_like(x, device=self._comm)
-        dist.all_to_all_single(out, x.to(self._comm).contiguous(), group=self.group)
-        return out.to(self.device)
 
     def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Owner side of a read: the rows' vectors (zeros on a miss) and whether the stored id is the one asked."""
